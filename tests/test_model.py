@@ -1,0 +1,287 @@
+"""Model tests: each would fail on a wrongly built Transformer."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.model_lora import LoRAError, apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
+from model.model_minimind import (PRESETS, MiniMindConfig, MiniMindForCausalLM, count_parameters, sample_next_token,
+                                  stream_text)
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+            max_position_embeddings=256)
+TINY_MOE = dict(TINY, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+
+
+def tiny(moe=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(**(TINY_MOE if moe else TINY), **kw)).eval()
+
+
+@pytest.mark.parametrize("preset,expected", [("26M", 25.83e6), ("104M", 104.03e6), ("145M-MoE", 145.03e6)])
+def test_parameter_counts(preset, expected):
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(MiniMindConfig(**PRESETS[preset]))
+    assert abs(count_parameters(model) - expected) < 0.05e6
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_causality(moe):
+    model = tiny(moe)
+    x = torch.randint(3, 300, (2, 16))
+    y = x.clone()
+    y[:, 9] = (y[:, 9] + 7) % 300
+    a, b = model(x).logits, model(y).logits
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_cached_decoding_equals_full_forward(moe):
+    model = tiny(moe)
+    x = torch.randint(3, 300, (2, 20))
+    full = model(x).logits
+    out = model(x[:, :12], use_cache=True)
+    steps = [out.logits]
+    past = out.past_key_values
+    for t in range(12, 20):
+        out = model(x[:, t:t + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    # a multi-token chunk on top of a cache (chunked prefill) too
+    out = model(x[:, :7], use_cache=True)
+    out2 = model(x[:, 7:], past_key_values=out.past_key_values, use_cache=True)
+    assert torch.allclose(out2.logits, full[:, 7:], atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv():
+    gqa = tiny()
+    mha = MiniMindForCausalLM(MiniMindConfig(**dict(TINY, num_key_value_heads=4))).eval()
+    sd = gqa.state_dict()
+    rep, hd = 2, gqa.config.head_dim
+    for k in list(sd):
+        if k.endswith(("k_proj.weight", "v_proj.weight")):
+            w = sd[k].view(gqa.config.num_key_value_heads, hd, -1)
+            sd[k] = w.repeat_interleave(rep, dim=0).reshape(-1, w.shape[-1])
+    mha.load_state_dict(sd, strict=True)
+    x = torch.randint(3, 300, (2, 12))
+    assert torch.allclose(gqa(x).logits, mha(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_left_padded_batch_generation_equals_single(moe):
+    model = tiny(moe, seed=1)
+    prompts = [torch.randint(3, 300, (n,)) for n in (5, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    for i, p in enumerate(prompts):
+        single = model.generate(p[None], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert batch[i, width:].tolist() == single[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_generate_with_and_without_cache(moe):
+    model = tiny(moe, seed=2)
+    x = torch.randint(3, 300, (1, 6))
+    a = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
+    b = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0)
+    assert a.tolist() == b.tolist() and a.shape[1] == 16
+    # sampling runs too, and our own streaming loop gives the same greedy tokens
+    torch.manual_seed(0)
+    model.generate(x, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None, pad_token_id=0)
+    ours = list(model.stream_generate(x, max_new_tokens=10, temperature=0, eos_token_id=-1))
+    assert ours == a[0, 6:].tolist()
+
+
+def test_moe_aux_loss_gradient_and_train_eval_equality():
+    model = tiny(moe=True)
+    x = torch.randint(3, 300, (2, 16))
+    model.train()
+    out = model(x, labels=x)
+    assert out.aux_loss.item() > 0
+    (out.loss + out.aux_loss).backward()
+    gate_grad = model.model.layers[0].mlp.gate.weight.grad
+    assert gate_grad is not None and gate_grad.abs().sum() > 0
+    train_logits = model(x).logits
+    model.eval()
+    assert torch.equal(train_logits, model(x).logits)
+
+
+def test_moe_matches_naive_per_token_reference():
+    """The sorted dispatch computes sum_k w_k * expert_k(x) + shared(x) for every token."""
+    model = tiny(moe=True)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64)
+    idx, w, _ = moe.gate(x)
+    ref = torch.zeros(10, 64)
+    flat = x.view(-1, 64)
+    for t in range(10):
+        for j in range(2):
+            ref[t] += w[t, j] * moe.experts[int(idx[t, j])](flat[t])
+        ref[t] += moe.shared_experts[0](flat[t])
+    assert torch.allclose(moe(x).view(-1, 64), ref, atol=1e-5)
+
+
+def test_llama_parity():
+    from transformers import LlamaForCausalLM
+    model = tiny()
+    llama = LlamaForCausalLM(model.config.to_llama_config()).eval()
+    missing, unexpected = llama.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randint(3, 300, (2, 17))
+    assert torch.allclose(llama(x).logits, model(x).logits, atol=1e-4)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    for moe in (False, True):
+        model = tiny(moe)
+        model.save_pretrained(tmp_path / str(moe))
+        again = MiniMindForCausalLM.from_pretrained(tmp_path / str(moe)).eval()
+        for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert k == k2 and torch.equal(a, b)
+        x = torch.randint(3, 300, (1, 9))
+        assert torch.equal(model(x).logits, again(x).logits)
+        assert again.config.use_moe == moe
+
+
+def minimind2_keys(cfg):
+    """State-dict keys and shapes exactly as MiniMind2's reference model.py names them."""
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    keys = {"model.embed_tokens.weight": (cfg.vocab_size, H), "model.norm.weight": (H,), "lm_head.weight": (cfg.vocab_size, H)}
+    ffn = lambda p: {f"{p}.gate_proj.weight": (I, H), f"{p}.up_proj.weight": (I, H), f"{p}.down_proj.weight": (H, I)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}"
+        keys.update({f"{p}.self_attn.q_proj.weight": (H, H), f"{p}.self_attn.k_proj.weight": (kv, H),
+                     f"{p}.self_attn.v_proj.weight": (kv, H), f"{p}.self_attn.o_proj.weight": (H, H),
+                     f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,)})
+        if cfg.use_moe:
+            keys[f"{p}.mlp.gate.weight"] = (cfg.n_routed_experts, H)
+            for e in range(cfg.n_routed_experts):
+                keys.update(ffn(f"{p}.mlp.experts.{e}"))
+            for e in range(cfg.n_shared_experts):
+                keys.update(ffn(f"{p}.mlp.shared_experts.{e}"))
+        else:
+            keys.update(ffn(f"{p}.mlp"))
+    return keys
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_minimind2_state_dict_layout_loads_strictly(moe):
+    model = tiny(moe)
+    keys = minimind2_keys(model.config)
+    torch.manual_seed(3)
+    emb = torch.randn(300, 64)
+    sd = {k: (emb if k in ("lm_head.weight", "model.embed_tokens.weight") else torch.randn(shape)) for k, shape in keys.items()}
+    model.load_state_dict(sd, strict=True)
+    assert set(model.state_dict()) == set(keys)
+    assert torch.equal(model.lm_head.weight, emb)
+
+
+@pytest.mark.parametrize("field,kw", [
+    ("num_attention_heads", dict(hidden_size=64, num_attention_heads=5)),
+    ("num_key_value_heads", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)),
+    ("num_experts_per_tok", dict(use_moe=True, n_routed_experts=2, num_experts_per_tok=3)),
+])
+def test_bad_config_names_the_field(field, kw):
+    with pytest.raises(ValueError, match=field):
+        MiniMindConfig(**kw)
+
+
+def test_packed_documents_do_not_attend_across():
+    model = tiny()
+    a, b = torch.randint(3, 300, (1, 7)), torch.randint(3, 300, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    out = model(packed, position_ids=pos, packed=True).logits
+    assert torch.allclose(out[:, :7], model(a).logits, atol=1e-5)
+    assert torch.allclose(out[:, 7:], model(b).logits, atol=1e-5)
+
+
+def test_yarn_scaling_interpolates_only_low_frequencies():
+    from model.model_minimind import rope_inv_freq
+    cfg = dict(TINY, max_position_embeddings=32768)
+    base = MiniMindForCausalLM(MiniMindConfig(**cfg)).eval()
+    yarn = MiniMindForCausalLM(MiniMindConfig(**cfg, inference_rope_scaling=True)).eval()
+    yarn.load_state_dict(base.state_dict())
+    assert yarn.config.yarn_scaling["type"] == "yarn"
+    f0, _ = rope_inv_freq(base.config)
+    f1, _ = rope_inv_freq(yarn.config)
+    assert torch.equal(f0[0], f1[0])  # the fastest-rotating dimension is extrapolated unchanged
+    assert torch.allclose(f1[-1], f0[-1] / 16)  # the slowest is interpolated by the factor
+    x = torch.randint(3, 300, (1, 40))
+    a, b = base(x).logits, yarn(x).logits
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)  # position 0 has no rotation either way
+
+
+def lora_model():
+    model = tiny()
+    apply_lora(model, rank=4)
+    return model
+
+
+def test_lora_zero_b_changes_nothing_and_merge_is_exact(tmp_path):
+    base = tiny()
+    model = lora_model()
+    x = torch.randint(3, 300, (2, 10))
+    assert torch.equal(model(x).logits, base(x).logits)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    unmerged = model(x).logits
+    assert not torch.allclose(unmerged, base(x).logits, atol=1e-4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model)
+    assert torch.allclose(model(x).logits, unmerged, atol=1e-5)
+    merge_lora(model)  # twice: harmless
+    assert torch.allclose(model(x).logits, unmerged, atol=1e-5)
+    unmerge_lora(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # save / load into a fresh base
+    save_lora(model, tmp_path / "a.pth")
+    fresh = tiny()
+    load_lora(fresh, tmp_path / "a.pth")
+    assert torch.allclose(fresh(x).logits, unmerged, atol=1e-6)
+
+
+def test_lora_targets_include_gqa_kv_and_load_is_strict(tmp_path):
+    model = lora_model()
+    k = model.model.layers[0].self_attn.k_proj
+    assert k.lora_B.shape == (32, 4) and k.lora_A.shape == (4, 64)
+    save_lora(model, tmp_path / "a.pth")
+    other = MiniMindForCausalLM(MiniMindConfig(**dict(TINY, hidden_size=32))).eval()
+    with pytest.raises(LoRAError, match="shape"):
+        load_lora(other, tmp_path / "a.pth")
+    wrong_targets = tiny()
+    apply_lora(wrong_targets, rank=4, targets=("gate_proj",))
+    with pytest.raises(LoRAError, match="targets"):
+        load_lora(wrong_targets, tmp_path / "a.pth")
+
+
+def test_sampling_helpers():
+    logits = torch.tensor([1.0, 5.0, 2.0, 4.9])
+    assert sample_next_token(logits.clone(), [], temperature=0) == 1
+    assert sample_next_token(logits.clone(), [1], temperature=0, repetition_penalty=2.0) == 3
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits.clone(), [], temperature=1.0, top_k=2, generator=g) for _ in range(50)}
+    assert draws <= {1, 3}
+
+
+class ByteTokenizer:
+    """Decodes ids as raw UTF-8 bytes: one Chinese character spans three ids."""
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_stream_text_never_breaks_multibyte_characters():
+    text = "你好, world 🙂!"
+    pieces = list(stream_text(ByteTokenizer(), list(text.encode("utf-8"))))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
