@@ -1,0 +1,166 @@
+"""
+Train MiniMind's byte-level BPE tokenizer (vocab 6400) from a pretrain jsonl ({"text": ...} per line).
+
+    python dataset/build_demo_data.py                                  # builds dataset/demo/
+    python train_tokenizer.py --data_path dataset/demo/pretrain_hq.jsonl  # writes model/tokenizer*.json
+
+Fixed ids: <|endoftext|> 0 (pad/unk), <|im_start|> 1 (bos), <|im_end|> 2 (eos); then <think> </think>
+<answer> </answer> (3..6) as added tokens that never split. The text is read as a stream (one line at a
+time), so a multi-GB file never sits in memory; the BPE trainer's own word-count table still grows with
+the number of distinct words, so for big corpora cap it with --max_lines and/or --sample_rate.
+Output is deterministic: same input file and flags -> byte-identical tokenizer.json.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ids 3..6
+# ChatML, no default system prompt: <|im_start|>{role}\n{content}<|im_end|>\n per message.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SAMPLE_ZH = ("人工智能是计算机科学的一个分支，它试图理解智能的实质，并生产出一种新的能以人类智能相似的方式"
+             "做出反应的智能机器。今天天气很好，我们一起去公园散步吧！")
+SAMPLE_EN = ("The quick brown fox jumps over the lazy dog. Language models learn to predict the next token "
+             "from the previous ones, one small step at a time.")
+
+
+class CorpusError(ValueError):
+    """A bad line in the training corpus (one-line message: path:LINE: problem. hint)."""
+
+
+def iter_texts(path, max_lines=None, sample_rate=1.0, seed=42, skip_bad_lines=False, stats=None):
+    """Yield the "text" of each jsonl line, streaming. Sampling is a seeded coin per line -> deterministic."""
+    rng = random.Random(seed)
+    stats = stats if stats is not None else {}
+    stats.update(kept=0, skipped=0)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            if sample_rate < 1.0 and rng.random() >= sample_rate:
+                continue
+            try:
+                obj = json.loads(raw)
+                text = obj["text"]
+                if not isinstance(text, str):
+                    raise TypeError("'text' is not a string")
+            except Exception as e:  # noqa: BLE001 - report any bad line the same way
+                if skip_bad_lines:
+                    stats["skipped"] += 1
+                    continue
+                why = e.msg if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
+                raise CorpusError(f"{path}:{lineno}: not a pretrain line {{\"text\": ...}} ({why}). "
+                                  "Fix the line or pass --skip_bad_lines.") from None
+            yield text
+            stats["kept"] += 1
+            if max_lines is not None and stats["kept"] >= max_lines:
+                return
+
+
+def train(texts, vocab_size=6400):
+    """Byte-level BPE as in MiniMind: no normalizer, GPT-2 style pre-tokenizer, no prefix space."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + REASONING_TOKENS,  # trainer puts these first -> ids 0..6
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # The reasoning tags are added tokens that never split, but not "special": decode(skip_special_tokens=True)
+    # must keep them so a reply can still be checked for the <think>/<answer> template.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    for i, t in enumerate(SPECIAL_TOKENS + REASONING_TOKENS):
+        assert tok.token_to_id(t) == i, f"{t} got id {tok.token_to_id(t)}, expected {i}"
+    return tok
+
+
+def tokenizer_config(tok):
+    added = {}
+    for i, t in enumerate(SPECIAL_TOKENS + REASONING_TOKENS):
+        added[str(i)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False, "special": t in SPECIAL_TOKENS}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,  # datasets add <|im_start|> themselves where they want it
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def save(tok, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config(tok), f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def check(out_dir):
+    """Load the result the way the training scripts will and print a round trip and chars/token."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    msgs = [{"role": "user", "content": "你好，1+1等于几？"}, {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>"}]
+    rendered = hf.apply_chat_template(msgs, tokenize=False)
+    ids = hf.encode(rendered, add_special_tokens=False)
+    ok = hf.decode(ids) == rendered
+    print(f"vocab {len(hf)}  bos={hf.bos_token}:{hf.bos_token_id} eos={hf.eos_token}:{hf.eos_token_id} "
+          f"pad={hf.pad_token}:{hf.pad_token_id}")
+    print(f"round trip {'OK' if ok else 'FAILED'}: {rendered!r} -> {len(ids)} tokens")
+    for name, text in (("Chinese", SAMPLE_ZH), ("English", SAMPLE_EN)):
+        n = len(hf.encode(text, add_special_tokens=False))
+        print(f"{name}: {len(text)} chars -> {n} tokens = {len(text) / n:.2f} chars/token")
+    return ok
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_path", default="dataset/demo/pretrain_hq.jsonl", help='jsonl with {"text": ...} lines')
+    p.add_argument("--out_dir", default="model")
+    p.add_argument("--vocab_size", type=int, default=6400)
+    p.add_argument("--max_lines", type=int, default=None, help="use at most this many (sampled) lines")
+    p.add_argument("--sample_rate", type=float, default=1.0, help="keep each line with this probability (seeded)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip_bad_lines", action="store_true")
+    args = p.parse_args()
+    if not os.path.exists(args.data_path):
+        sys.exit(f"{args.data_path}: not found. Build the demo corpus with `python dataset/build_demo_data.py` "
+                 "or pass --data_path.")
+    stats = {}
+    texts = iter_texts(args.data_path, args.max_lines, args.sample_rate, args.seed, args.skip_bad_lines, stats)
+    try:
+        tok = train(texts, args.vocab_size)
+    except CorpusError as e:
+        sys.exit(str(e))
+    if stats["kept"] == 0:
+        sys.exit(f"{args.data_path}: no text lines to train on.")
+    save(tok, args.out_dir)
+    print(f"trained on {stats['kept']} lines of {args.data_path}"
+          + (f" ({stats['skipped']} bad lines skipped)" if stats["skipped"] else "")
+          + f"; wrote {args.out_dir}/tokenizer.json, tokenizer_config.json")
+    if not check(args.out_dir):
+        sys.exit("round trip failed")
+
+
+if __name__ == "__main__":
+    main()
