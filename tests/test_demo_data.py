@@ -1,0 +1,162 @@
+"""dataset/build_demo_data.py: deterministic bytes, valid formats, checkable content, eval splits held out."""
+import json
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dataset import build_demo_data as B  # noqa: E402
+from dataset.lm_dataset import check_dpo, check_pretrain, check_sft  # noqa: E402
+
+SMALL = dict(pretrain_eval=20, sft=300, sft_eval=40, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
+             lora_identity=100, lora_identity_eval=20, lora_medical=50)
+TRAIN_EVAL = [("pretrain_hq.jsonl", "pretrain_eval.jsonl"), ("sft_mini_512.jsonl", "sft_eval.jsonl"),
+              ("dpo.jsonl", "dpo_eval.jsonl"), ("r1_mix_1024.jsonl", "r1_eval.jsonl"),
+              ("lora_identity.jsonl", "lora_identity_eval.jsonl")]
+CHAT_FILES = ["sft_mini_512.jsonl", "sft_eval.jsonl", "r1_mix_1024.jsonl", "r1_eval.jsonl", "lora_identity.jsonl",
+              "lora_identity_eval.jsonl", "lora_medical.jsonl"]
+
+
+def read(d, name):
+    with open(os.path.join(d, name), encoding="utf-8") as f:
+        return [json.loads(l) for l in f]
+
+
+def prompts(records):
+    return {B.prompt_key(r["chosen"] if "chosen" in r else r["conversations"]) for r in records}
+
+
+def reply(rec):
+    return rec["conversations"][-1]["content"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("demo_a"))
+    B.build(d, pretrain_max_chars=30000, verbose=False, **SMALL)
+    return d
+
+
+def test_build_is_byte_identical_twice(small, tmp_path):
+    B.build(str(tmp_path), pretrain_max_chars=30000, verbose=False, **SMALL)
+    names = sorted(os.listdir(small))
+    assert names == sorted(os.listdir(tmp_path)) and "README.md" in names
+    for name in names:
+        with open(os.path.join(small, name), "rb") as f, open(tmp_path / name, "rb") as g:
+            assert f.read() == g.read(), name
+
+
+def test_every_file_has_its_stage_format_and_requested_size(small):
+    counts = {"pretrain_eval.jsonl": 20, "sft_mini_512.jsonl": 300, "sft_eval.jsonl": 40, "dpo.jsonl": 200,
+              "dpo_eval.jsonl": 40, "r1_mix_1024.jsonl": 200, "r1_eval.jsonl": 40, "lora_identity.jsonl": 100,
+              "lora_identity_eval.jsonl": 20, "lora_medical.jsonl": 50}
+    for stage, files in B.FILES.items():
+        check = {"pretrain": check_pretrain, "dpo": check_dpo}.get(stage, check_sft)
+        for name in files:
+            recs = read(small, name)
+            assert recs and all(check(r) is None for r in recs), name
+            if name in counts:
+                assert len(recs) == counts[name], name
+    manifest = open(os.path.join(small, "README.md"), encoding="utf-8").read()
+    assert "| sft_mini_512.jsonl | 300 |" in manifest and "People's Daily" in manifest
+
+
+def test_eval_splits_never_overlap_training(small):
+    for train, ev in TRAIN_EVAL:
+        tr_lines = {json.dumps(r, ensure_ascii=False) for r in read(small, train)}
+        assert not tr_lines & {json.dumps(r, ensure_ascii=False) for r in read(small, ev)}, ev
+    pre_tr = {r["text"] for r in read(small, "pretrain_hq.jsonl")}
+    assert not pre_tr & {r["text"] for r in read(small, "pretrain_eval.jsonl")}
+    # no eval prompt is asked in ANY training file of any stage
+    train_prompts = set().union(*(prompts(read(small, n)) for n in
+                                  ["sft_mini_512.jsonl", "dpo.jsonl", "r1_mix_1024.jsonl", "lora_identity.jsonl", "lora_medical.jsonl"]))
+    for ev in ["sft_eval.jsonl", "dpo_eval.jsonl", "r1_eval.jsonl", "lora_identity_eval.jsonl"]:
+        assert not prompts(read(small, ev)) & train_prompts, ev
+
+
+def test_identity_data(small):
+    sft = read(small, "sft_mini_512.jsonl")
+    text = json.dumps(sft, ensure_ascii=False)
+    assert "MiniMind" in text and "小星" not in text and "XiaoXing" not in text  # base model never learns the new name
+    new_name = re.compile("小星|XiaoXing")
+    assert all(new_name.search(reply(r)) for r in read(small, "lora_identity.jsonl"))
+    evals = read(small, "lora_identity_eval.jsonl")
+    assert all(new_name.search(reply(r)) for r in evals)
+    held_out = B.ID_ZH_EVAL + B.ID_EN_EVAL
+    train_q = [r["conversations"][0]["content"] for r in read(small, "lora_identity.jsonl")]
+    for r in evals:  # eval phrasings are never used for training
+        q = r["conversations"][0]["content"]
+        core = next(c for c in held_out if q.endswith(c))
+        assert not any(t.endswith(core) for t in train_q), q
+
+
+def test_sft_has_multi_turn_system_prompts_and_english(small):
+    sft = read(small, "sft_mini_512.jsonl")
+    assert sum(len(r["conversations"]) > 2 and r["conversations"][0]["role"] != "system" for r in sft) > 20
+    assert sum(r["conversations"][0]["role"] == "system" for r in sft) > 20
+    han = re.compile(r"[\u4e00-\u9fff]")
+    english = sum(not han.search(reply(r)) and re.search(r"[A-Za-z]{3,}", reply(r)) is not None for r in sft)
+    assert 0.1 < english / len(sft) < 0.4  # mostly Chinese, some English
+
+
+def test_dpo_pairs_differ_checkably(small):
+    for r in read(small, "dpo.jsonl") + read(small, "dpo_eval.jsonl"):
+        c, rej = r["chosen"], r["rejected"]
+        assert c[:-1] == rej[:-1] and c[-1]["role"] == rej[-1]["role"] == "assistant"
+        good, bad = c[-1]["content"], rej[-1]["content"]
+        assert good != bad and good[-1] in "。！？.!?\""
+        m = re.fullmatch(r"(\d+) ([+\-×]) (\d+) = (\d+)[。.]", good)
+        if m:  # arithmetic: chosen is right, a rejected result of the same form is wrong
+            a, op, b, res = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert res == {"+": a + b, "-": a - b, "×": a * b}[op]
+            mb = re.fullmatch(r"(\d+) ([+\-×]) (\d+) = (\d+)[。.]", bad)
+            assert not mb or int(mb[4]) != res
+
+
+R1 = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(-?\d+)\n</answer>", re.S)
+
+
+def test_reasoning_template_and_answers(small):
+    for name, want_reserved in (("r1_mix_1024.jsonl", False), ("r1_eval.jsonl", True)):
+        for r in read(small, name):
+            m = R1.fullmatch(reply(r))
+            assert m, reply(r)
+            steps, answer = m[1], int(m[2])
+            eqs = re.findall(r"(\d+) ([+\-×÷]) (\d+) = (\d+)", steps)
+            for a, op, b, res in eqs:
+                a, b, res = int(a), int(b), int(res)
+                assert res == {"+": a + b, "-": a - b, "×": a * b, "÷": a // b}[op] and (op != "÷" or a % b == 0)
+            assert int(eqs[-1][3]) == answer
+            numbers = {int(x) for x in re.findall(r"\d+", r["conversations"][0]["content"])}
+            assert bool(numbers & B.R1_EVAL_NUMBERS) == want_reserved  # eval uses numbers never seen in training
+
+
+def test_medical_answers_are_short_and_cautious(small):
+    for r in read(small, "lora_medical.jsonl"):
+        assert len(reply(r)) < 120 and reply(r).endswith("。")
+
+
+def test_ensure_demo_data_builds_only_when_missing(tmp_path):
+    d = str(tmp_path)
+    chat_only = dict(SMALL, sft=50, dpo=30, r1=30, lora_identity=20, lora_medical=10)
+    B.ensure_demo_data(d, pretrain_max_chars=5000, verbose=False, **chat_only)
+    assert not B.missing_files(d)
+    stamp = os.stat(os.path.join(d, "sft_mini_512.jsonl")).st_mtime_ns
+    B.ensure_demo_data(d, pretrain_max_chars=5000, verbose=False, **chat_only)
+    assert os.stat(os.path.join(d, "sft_mini_512.jsonl")).st_mtime_ns == stamp  # untouched
+    os.remove(os.path.join(d, "dpo_eval.jsonl"))
+    B.ensure_demo_data(d, pretrain_max_chars=5000, verbose=False, **chat_only)
+    assert os.path.exists(os.path.join(d, "dpo_eval.jsonl"))
+
+
+def test_default_sizes_are_reached(tmp_path):
+    """Template pools must be big enough that the default line counts are really produced."""
+    chat = [s for s in B.FILES if s != "pretrain"]
+    out = B.build(str(tmp_path), stages=chat, verbose=False)
+    for stage in chat:
+        for name, key in zip(B.FILES[stage], (stage, stage + "_eval")):
+            assert out[name] == B.SIZES[key], name
