@@ -1,0 +1,326 @@
+"""
+Datasets for every training stage, reading MiniMind's jsonl formats:
+
+    pretrain              {"text": "..."}                                   -> PretrainDataset
+    SFT / LoRA / reasoning {"conversations": [{"role", "content"}, ...]}    -> SFTDataset
+    DPO                   {"chosen": [messages], "rejected": [messages]}    -> DPODataset
+
+Samples are (input_ids, labels) of equal length, NOT shifted (the model shifts: logits[:, :-1] predict
+labels[:, 1:]), unpadded; labels are -100 where there is nothing to learn. In chat data only the assistant
+content and its closing <|im_end|> are learned.
+
+Memory: a multi-GB file is never loaded. Construction makes one streaming pass that validates every line
+and keeps only a numpy array of line byte offsets (8 bytes a line); __getitem__ seeks, reads, parses and
+tokenizes one line. Bad data fails at construction, before any training, with a one-line
+DataFormatError "path:LINE: problem. fix hint" (or is skipped and counted with skip_bad_lines=True).
+"""
+import json
+import os
+import sys
+from array import array
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+REPO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
+INDEX_VERSION = 1
+CACHE_MIN_BYTES = 64 << 20  # "auto" caches the line index only for files this big; small files index in ms
+SKIP_HINT = "Fix the line or pass --skip_bad_lines to skip bad lines."
+
+
+class DataFormatError(ValueError):
+    """Bad training data. The message is one line: `path:LINE: problem. fix hint`."""
+
+
+def load_tokenizer(path="model"):
+    """The shipped tokenizer (or any local tokenizer dir), loaded offline."""
+    if path == "model" and not os.path.isdir(path):
+        path = REPO_MODEL_DIR  # default works from any working directory
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path}: no tokenizer here (need tokenizer.json + tokenizer_config.json). "
+                                "Train one with `python train_tokenizer.py` or pass the right directory.")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation: each check returns None for a good record, else (problem, hint)
+
+PRETRAIN, SFT, DPO = ('pretrain data ({"text": ...})', 'SFT data ({"conversations": [...]})',
+                      'DPO data ({"chosen": [...], "rejected": [...]})')
+STAGE_OF_KEY = {  # a key that identifies a stage's file -> (what it looks like, the scripts that take it)
+    "text": (PRETRAIN, "train_pretrain.py"),
+    "conversations": ('SFT/LoRA/reasoning data ({"conversations": [...]})', "train_full_sft.py, train_lora.py or train_distill_reason.py"),
+    "chosen": (DPO, "train_dpo.py"),
+}
+
+
+def wrong_stage(obj, expected, key):
+    """A missing key; if the line fits another stage, say so (the usual cause is passing the wrong file)."""
+    for k, (looks, script) in STAGE_OF_KEY.items():
+        if k in obj and k != key:
+            return (f'no "{key}" key: this line looks like {looks}, not {expected}',
+                    f"Use this file with {script}, or pass a file of {expected}.")
+    keys = ", ".join(f'"{k}"' for k in list(obj)[:5]) or "none"
+    return f'no "{key}" key (keys: {keys})', f"Each line must be {expected}. {SKIP_HINT}"
+
+
+def check_pretrain(obj):
+    if "text" not in obj:
+        return wrong_stage(obj, PRETRAIN, "text")
+    if not isinstance(obj["text"], str):
+        return f'"text" is {type(obj["text"]).__name__}, not a string', SKIP_HINT
+    if not obj["text"].strip():
+        return '"text" is empty', SKIP_HINT
+    return None
+
+
+def check_messages(msgs, field):
+    if not isinstance(msgs, list):
+        return f'"{field}" is {type(msgs).__name__}, not a list of messages', SKIP_HINT
+    if not msgs:
+        return f'"{field}" is an empty list', SKIP_HINT
+    for i, m in enumerate(msgs, 1):
+        if not isinstance(m, dict):
+            return f'"{field}" message {i} is {type(m).__name__}, not an object with "role" and "content"', SKIP_HINT
+        for k in ("role", "content"):
+            if k not in m:
+                return f'"{field}" message {i} has no "{k}"', SKIP_HINT
+        if m["role"] not in ROLES:
+            return f'"{field}" message {i} has unknown role {json.dumps(m["role"], ensure_ascii=False)} (expected system, user or assistant)', SKIP_HINT
+        if not isinstance(m["content"], str):
+            return f'"{field}" message {i} "content" is {type(m["content"]).__name__}, not a string', SKIP_HINT
+    if not any(m["role"] == "assistant" for m in msgs):
+        return f'"{field}" has no assistant message, so there is nothing to learn', SKIP_HINT
+    return None
+
+
+def check_sft(obj):
+    if "conversations" not in obj:
+        return wrong_stage(obj, SFT, "conversations")
+    return check_messages(obj["conversations"], "conversations")
+
+
+def check_dpo(obj):
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            return wrong_stage(obj, DPO, key)
+    return check_messages(obj["chosen"], "chosen") or check_messages(obj["rejected"], "rejected")
+
+
+def parse_line(raw):
+    """bytes -> dict, or raise ValueError with a short reason."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def scan(path, check, skip_bad_lines):
+    """One streaming pass: validate every line, return (offsets of good lines, skipped count, first error)."""
+    offsets, skipped, first_error = array("q"), 0, None
+    pos = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, pos = pos, pos + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+                raw, start = raw[3:], start + 3
+            if not raw.strip():
+                continue  # blank lines are allowed and ignored
+            try:
+                problem = check(parse_line(raw))
+            except ValueError as e:
+                problem = (str(e), SKIP_HINT)
+            if problem is None:
+                offsets.append(start)
+                continue
+            error = f"{path}:{lineno}: {problem[0]}. {problem[1]}"
+            if not skip_bad_lines:
+                raise DataFormatError(error)
+            skipped += 1
+            first_error = first_error or error
+    return np.frombuffer(offsets, dtype=np.int64), skipped, first_error  # a view: no second copy
+
+
+def cached_scan(path, kind, check, skip_bad_lines, cache_index):
+    """scan(), optionally cached next to the data file as <file>.<kind>.idx.npz keyed by size + mtime."""
+    st = os.stat(path)
+    use_cache = cache_index is True or (cache_index == "auto" and st.st_size >= CACHE_MIN_BYTES)
+    cache = f"{path}.{kind}.idx.npz"
+    key = {"version": INDEX_VERSION, "kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if use_cache and os.path.exists(cache):
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta["key"] == key:
+                    if meta["skipped"] and not skip_bad_lines:
+                        raise DataFormatError(meta["first_error"])  # the cached pass saw bad lines
+                    return z["offsets"], meta["skipped"], meta["first_error"]
+        except DataFormatError:
+            raise
+        except Exception:  # noqa: BLE001 - a broken cache is just rebuilt
+            pass
+    offsets, skipped, first_error = scan(path, check, skip_bad_lines)
+    if use_cache:
+        meta = {"key": key, "skipped": skipped, "first_error": first_error}
+        try:  # best effort (read-only dirs are fine); write-then-rename so ranks never read half a file
+            tmp = f"{cache}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.savez(f, offsets=offsets, meta=np.array(json.dumps(meta)))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return offsets, skipped, first_error
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+
+class JsonlDataset(Dataset):
+    kind, check = None, None
+
+    def __init__(self, path, tokenizer, max_length, skip_bad_lines=False, cache_index="auto"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: data file not found")
+        self.path, self.tokenizer, self.max_length = path, tokenizer, max_length
+        self.offsets, self.skipped, first_error = cached_scan(path, self.kind, type(self).check, skip_bad_lines, cache_index)
+        if len(self.offsets) == 0:
+            if self.skipped:
+                raise DataFormatError(f"{path}:1: all {self.skipped} non-blank lines are bad; first: {first_error}")
+            raise DataFormatError(f"{path}:1: no records (the file is empty or blank). Pass a {self.kind} jsonl file with at least one line.")
+        if self.skipped:
+            print(f"warning: {path}: skipped {self.skipped} bad line(s); first: {first_error}", file=sys.stderr)
+        self._fh, self._pid = None, None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def record(self, i):
+        """The parsed jsonl object of sample i (one seek + one line read)."""
+        if self._fh is None or self._pid != os.getpid():  # one handle per DataLoader worker process
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        self._fh.seek(int(self.offsets[i]))
+        return json.loads(self._fh.readline())
+
+    def __getstate__(self):  # picklable for spawn-started workers; each reopens its own handle
+        return {**self.__dict__, "_fh": None, "_pid": None}
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+class PretrainDataset(JsonlDataset):
+    """bos + text + eos, cut to max_length (the eos survives only if it fits); every token is a target."""
+    kind, check = "pretrain", check_pretrain
+
+    def __init__(self, path, tokenizer, max_length=512, skip_bad_lines=False, cache_index="auto"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
+
+    def __getitem__(self, i):
+        tok = self.tokenizer
+        ids = [tok.bos_token_id] + self.encode(self.record(i)["text"]) + [tok.eos_token_id]
+        ids = torch.tensor(ids[: self.max_length], dtype=torch.long)
+        return ids, ids.clone()
+
+
+def encode_chat(tokenizer, messages, max_length=None):
+    """Tokenize a conversation exactly as the ChatML chat template renders it (no generation prompt), piece
+    by piece so we know which tokens are assistant output:
+
+        <|im_start|>{role}\\n{content}<|im_end|>\\n      per message
+        labels = ids on assistant content + its <|im_end|>, -100 on everything else
+
+    Special tokens cut the text into independently tokenized segments, so the concatenation equals
+    tokenizer.apply_chat_template(messages) (tests check it). One corner: assistant content that starts
+    with whitespace may merge differently with the header's \\n in a full render; the piecewise ids are
+    what a model sees when it generates after the `<|im_start|>assistant\\n` prompt, so we keep those."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    ids, labels = [], []
+    for m in messages:
+        if m["role"] == "assistant":
+            head, body, tail = enc(f"{bos}assistant\n"), enc(m["content"] + eos), enc("\n")
+            ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
+        else:
+            piece = enc(f"{bos}{m['role']}\n{m['content']}{eos}\n")
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+    if max_length is not None:  # plain cut: labels stay aligned, so no prompt token ever gets a label
+        ids, labels = ids[:max_length], labels[:max_length]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+class SFTDataset(JsonlDataset):
+    """Chat data for full SFT, LoRA and reasoning distillation."""
+    kind, check = "sft", check_sft
+
+    def __init__(self, path, tokenizer, max_length=1024, skip_bad_lines=False, cache_index="auto"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
+
+    def __getitem__(self, i):
+        return encode_chat(self.tokenizer, self.record(i)["conversations"], self.max_length)
+
+
+class DPODataset(JsonlDataset):
+    """Preference pairs; each side labelled like SFT."""
+    kind, check = "dpo", check_dpo
+
+    def __init__(self, path, tokenizer, max_length=1024, skip_bad_lines=False, cache_index="auto"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
+
+    def __getitem__(self, i):
+        rec = self.record(i)
+        c_ids, c_lab = encode_chat(self.tokenizer, rec["chosen"], self.max_length)
+        r_ids, r_lab = encode_chat(self.tokenizer, rec["rejected"], self.max_length)
+        return {"chosen_input_ids": c_ids, "chosen_labels": c_lab, "rejected_input_ids": r_ids, "rejected_labels": r_lab}
+
+
+# ----------------------------------------------------------------------------------------------------
+# batching
+
+
+def make_collate(pad_id=0, pad_to_multiple_of=None, max_length=None):
+    """Right-pad a batch: input_ids with pad_id, labels with -100 (padding never carries loss).
+    Tuple samples -> (input_ids, labels); DPO dict samples -> dict of 4 tensors, chosen and rejected padded
+    to one common length. max_length truncates; pad_to_multiple_of rounds T up (capped at max_length), so
+    pad_to_multiple_of=max_length gives fixed [B, max_length] shapes."""
+
+    def length(seqs):
+        T = max(len(s) for s in seqs)
+        if max_length is not None:
+            T = min(T, max_length)
+        if pad_to_multiple_of:
+            T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+            if max_length is not None:
+                T = min(T, max_length)
+        return T
+
+    def pad(seqs, value, T):
+        out = torch.full((len(seqs), T), value, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            s = torch.as_tensor(s, dtype=torch.long)[:T]
+            out[i, : len(s)] = s
+        return out
+
+    def collate(batch):
+        if isinstance(batch[0], dict):
+            T = length([s[k] for s in batch for k in ("chosen_input_ids", "rejected_input_ids")])
+            return {k: pad([s[k] for s in batch], IGNORE_INDEX if k.endswith("labels") else pad_id, T) for k in batch[0]}
+        ids, labels = zip(*batch)
+        T = length(ids)
+        return pad(ids, pad_id, T), pad(labels, IGNORE_INDEX, T)
+
+    return collate
+
+
+collate_fn = make_collate()
