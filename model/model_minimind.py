@@ -436,6 +436,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                 logits_to_keep=0, position_ids=None, packed=False, **kwargs):
         """labels: same shape as input_ids, -100 where no loss; shifted here (token t predicts t+1).
         packed=True: several documents per row, position_ids restart at 0 at each document start."""
+        if past_key_values is None:
+            past_key_values = kwargs.get("cache")  # transformers >= 5.2x passes the KV cache as `cache`
         h, presents, aux_loss = self.model(input_ids, attention_mask, past_key_values, position_ids, packed)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]

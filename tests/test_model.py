@@ -13,8 +13,17 @@ TINY_MOE = dict(TINY, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n
 
 
 def tiny(moe=False, seed=0, **kw):
+    """initializer_range 0.2: large enough weights that every output depends on the whole context (with
+    the default 0.02 a random model's next token mostly echoes the current one, hiding cache bugs)."""
     torch.manual_seed(seed)
+    kw.setdefault("initializer_range", 0.2)
     return MiniMindForCausalLM(MiniMindConfig(**(TINY_MOE if moe else TINY), **kw)).eval()
+
+
+def greedy_without_cache(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
 
 
 @pytest.mark.parametrize("preset,expected", [("26M", 25.83e6), ("104M", 104.03e6), ("145M-MoE", 145.03e6)])
@@ -31,7 +40,8 @@ def test_causality(moe):
     y = x.clone()
     y[:, 9] = (y[:, 9] + 7) % 300
     a, b = model(x).logits, model(y).logits
-    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+    # MoE experts see other token batches when token 9 changes: float noise ~1e-6, not leakage
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-5)
     assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-3)
 
 
@@ -82,6 +92,7 @@ def test_left_padded_batch_generation_equals_single(moe):
     for i, p in enumerate(prompts):
         single = model.generate(p[None], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert batch[i, width:].tolist() == single[0, len(p):].tolist()
+        assert single.tolist() == greedy_without_cache(model, p[None], 8).tolist()
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -91,6 +102,11 @@ def test_generate_with_and_without_cache(moe):
     a = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
     b = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0)
     assert a.tolist() == b.tolist() and a.shape[1] == 16
+    assert a.tolist() == greedy_without_cache(model, x, 10).tolist()
+    # the context matters: another prefix gives another continuation
+    y = x.clone()
+    y[0, 0] = (y[0, 0] + 1) % 300
+    assert greedy_without_cache(model, y, 10)[0, 6:].tolist() != a[0, 6:].tolist()
     # sampling runs too, and our own streaming loop gives the same greedy tokens
     torch.manual_seed(0)
     model.generate(x, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.8, eos_token_id=None, pad_token_id=0)
@@ -144,7 +160,7 @@ def test_save_pretrained_round_trip(tmp_path):
         for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
             assert k == k2 and torch.equal(a, b)
         x = torch.randint(3, 300, (1, 9))
-        assert torch.equal(model(x).logits, again(x).logits)
+        assert torch.allclose(model(x).logits, again(x).logits, atol=1e-5)  # bit-equal weights above
         assert again.config.use_moe == moe
 
 

@@ -1,0 +1,304 @@
+"""Training stages: the chain, DDP parity, resume, each stage's loss, and the errors users hit."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TINY_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu",
+              "--num_workers", "0", "--log_interval", "1"]
+SCRIPTS = ["train_pretrain.py", "train_full_sft.py", "train_lora.py", "train_dpo.py", "train_distill_reason.py"]
+
+
+def run(script, *flags, check=True):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def read_log(out_dir, name):
+    with open(os.path.join(out_dir, "logs", name), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def conv(user, assistant, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    return {"conversations": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Small files in every stage's format (the demo builder's own output is tested in test_demo_data)."""
+    d = tmp_path_factory.mktemp("data")
+    prose = ("人民日报报道，今年我国经济持续稳定增长，各地积极推进改革开放。 The quick brown fox jumps over the lazy dog, "
+             "and the library documents every module in plain English. ")
+    pretrain = [{"text": prose[i % 20:] + prose * 3} for i in range(64)]
+    sft = [conv(f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。") for a in range(8) for b in range(4)]
+    sft[0] = conv("你是谁？", "我是MiniMind，一个小小的语言模型。", system="你是一个乐于助人的助手。")
+    dpo = [{"chosen": [{"role": "user", "content": f"{a}加{a}等于多少？"}, {"role": "assistant", "content": f"等于{2 * a}。"}],
+            "rejected": [{"role": "user", "content": f"{a}加{a}等于多少？"}, {"role": "assistant", "content": f"等于{2 * a + 1}吧"}]}
+           for a in range(32)]
+    reason = [conv(f"小明有{a}个苹果，又买了{b}个，一共几个？",
+                   f"<think>\n{a}+{b}={a + b}\n</think>\n<answer>\n{a + b}\n</answer>") for a in range(8) for b in range(4)]
+    return {"pretrain": write_jsonl(d / "pretrain.jsonl", pretrain), "sft": write_jsonl(d / "sft.jsonl", sft),
+            "dpo": write_jsonl(d / "dpo.jsonl", dpo), "reason": write_jsonl(d / "reason.jsonl", reason),
+            "dir": d}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_documents_every_flag(script):
+    out = run(script, "--help").stdout
+    for flag in ["--out_dir", "--epochs", "--batch_size", "--learning_rate", "--device", "--dtype", "--use_wandb",
+                 "--wandb_project", "--num_workers", "--accumulation_steps", "--grad_clip", "--warmup_iters",
+                 "--log_interval", "--save_interval", "--dim", "--n_layers", "--max_seq_len", "--use_moe",
+                 "--data_path", "--resume", "--hidden_size", "--num_hidden_layers"]:
+        assert flag in out, f"{script} --help lacks {flag}"
+
+
+def test_whole_chain(data, tmp_path):
+    out = str(tmp_path / "out")
+    common = [*TINY_FLAGS, "--out_dir", out, "--max_seq_len", "64", "--batch_size", "4", "--epochs", "1"]
+    run("train_pretrain.py", *common, "--data_path", data["pretrain"], "--accumulation_steps", "2", "--learning_rate", "1e-3")
+    assert os.path.exists(f"{out}/pretrain_64.pth") and os.path.exists(f"{out}/pretrain_64.json")
+    run("train_full_sft.py", *common, "--data_path", data["sft"], "--learning_rate", "1e-3")
+    run("train_dpo.py", *common, "--data_path", data["dpo"], "--learning_rate", "1e-4")
+    run("train_distill_reason.py", *common, "--data_path", data["reason"], "--learning_rate", "1e-4")
+    base_before = open(f"{out}/rlhf_64.pth", "rb").read()
+    run("train_lora.py", *common, "--data_path", data["sft"], "--lora_name", "lora_test", "--learning_rate", "1e-3")
+    for name in ["full_sft_64.pth", "rlhf_64.pth", "reason_64.pth", "lora/lora_test_64.pth"]:
+        assert os.path.exists(f"{out}/{name}"), name
+    assert open(f"{out}/rlhf_64.pth", "rb").read() == base_before  # LoRA never writes the base
+    # DPO starts with policy == reference: loss log(2), reward accuracy 0
+    first = read_log(out, "rlhf_64.jsonl")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-3
+    # the weight files load strictly into the next stage's model, with the config from the .json
+    from trainer_utils import load_weights
+    model = load_weights(f"{out}/reason_64.pth")
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert not any(f.endswith(".tmp") or ".tmp" in f for f in os.listdir(out))
+
+
+def test_moe_pretrain_runs(data, tmp_path):
+    out = str(tmp_path / "out")
+    run("train_pretrain.py", *TINY_FLAGS, "--use_moe", "1", "--out_dir", out, "--max_seq_len", "32",
+        "--batch_size", "4", "--accumulation_steps", "1", "--data_path", data["pretrain"], "--stop_at_step", "3")
+    assert os.path.exists(f"{out}/pretrain_64_moe.pth")
+    log = read_log(out, "pretrain_64_moe.jsonl")
+    assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_ddp_two_processes_equal_one_process(data, tmp_path):
+    """2 gloo processes x batch 2 == 1 process x batch 4: same samples per step, same weights."""
+    common = [*TINY_FLAGS, "--max_seq_len", "32", "--accumulation_steps", "2", "--epochs", "1",
+              "--data_path", data["pretrain"], "--learning_rate", "1e-3", "--stop_at_step", "4"]
+    run("train_pretrain.py", *common, "--batch_size", "4", "--out_dir", str(tmp_path / "one"))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+                           os.path.join(ROOT, "train_pretrain.py"), *common, "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "pretrain_64.pth", weights_only=True)
+    b = torch.load(tmp_path / "two" / "pretrain_64.pth", weights_only=True)
+    init = None
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k  # tolerance: fp32 reduction order only
+    la, lb = read_log(tmp_path / "one", "pretrain_64.jsonl"), read_log(tmp_path / "two", "pretrain_64.jsonl")
+    assert [round(r["loss"], 4) for r in la] == [round(r["loss"], 4) for r in lb]
+
+
+def test_resume_matches_uninterrupted(data, tmp_path):
+    common = [*TINY_FLAGS, "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "2", "--epochs", "2",
+              "--data_path", data["pretrain"], "--learning_rate", "1e-3", "--warmup_iters", "2"]
+    run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "full"))
+    run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "cut"), "--stop_at_step", "5")
+    run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "cut"), "--resume", "1")
+    full, cut = read_log(tmp_path / "full", "pretrain_64.jsonl"), read_log(tmp_path / "cut", "pretrain_64.jsonl")
+    assert len(full) == len(cut) == 16
+    for r, s in zip(full, cut):
+        assert r["step"] == s["step"] and abs(r["loss"] - s["loss"]) < 1e-6, (r, s)
+    a = torch.load(tmp_path / "full" / "pretrain_64.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "pretrain_64.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each stage's loss, in process
+# ----------------------------------------------------------------------------------------------------
+def tiny_model(seed=0, initializer_range=0.02):
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              initializer_range=initializer_range))
+
+
+def one_batch(dataset, n=4):
+    from dataset.lm_dataset import make_collate
+    return make_collate(0)([dataset[i] for i in range(n)])
+
+
+def overfit(model, loss_fn, batch, steps=40, lr=3e-3, params=None):
+    opt = torch.optim.AdamW(params if params is not None else model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss, _ = loss_fn(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from dataset.lm_dataset import load_tokenizer
+    return load_tokenizer(os.path.join(ROOT, "model"))
+
+
+def test_pretrain_and_sft_loss_falls_on_one_batch(data, tok):
+    import train_full_sft
+    import train_pretrain
+    from dataset.lm_dataset import PretrainDataset, SFTDataset
+    losses = overfit(tiny_model(), train_pretrain.loss_fn, one_batch(PretrainDataset(data["pretrain"], tok, max_length=32)))
+    assert losses[-1] < 0.5 * losses[0]
+    losses = overfit(tiny_model(), train_full_sft.loss_fn, one_batch(SFTDataset(data["sft"], tok, max_length=64)))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lora_loss_falls_and_base_is_bit_identical(data, tok):
+    import train_lora
+    from dataset.lm_dataset import SFTDataset
+    from model.model_lora import apply_lora, mark_only_lora_trainable
+    # A frozen embedding of std 0.02 caps the logits a LoRA can reach (RMSNorm fixes the hidden norm), so the
+    # base gets trained-size weights.
+    model = tiny_model(initializer_range=0.2)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, rank=8)
+    params = mark_only_lora_trainable(model)
+    losses = overfit(model, train_lora.loss_fn, one_batch(SFTDataset(data["sft"], tok, max_length=64)), lr=1e-2, params=params)
+    assert losses[-1] < 0.5 * losses[0]
+    for k, v in base.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_dpo_loss_closed_form_and_training(data, tok):
+    import train_dpo
+    from dataset.lm_dataset import DPODataset
+    pc, pr, rc, rr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5]), torch.tensor([-1.5, -2.0]), torch.tensor([-2.0, -2.0])
+    beta = 0.1
+    expected = sum(math.log(1 + math.exp(-beta * ((a - b) - (c - d)))) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 2
+    assert abs(train_dpo.dpo_loss(pc, pr, rc, rr, beta).item() - expected) < 1e-6
+    policy = tiny_model()
+    reference = tiny_model().eval().requires_grad_(False)
+    batch = one_batch(DPODataset(data["dpo"], tok, max_length=64))
+    for reduction in ("mean", "sum"):
+        loss, metrics = train_dpo.dpo_batch_loss(policy, batch, reference, beta, reduction)
+        assert abs(loss.item() - math.log(2)) < 1e-5  # policy == reference at step 0
+    fn = lambda m, b: train_dpo.dpo_batch_loss(m, b, reference, 0.5, "mean")
+    losses = overfit(policy, fn, batch, steps=30, lr=1e-3)
+    assert losses[-1] < 0.5 * losses[0]
+    _, metrics = fn(policy, batch)
+    assert metrics["reward_acc"].item() == 1.0 and metrics["margin"].item() > 0
+
+
+def test_reason_weights_hit_only_tags_in_assistant_spans(tmp_path, tok):
+    import train_distill_reason as tdr
+    from dataset.lm_dataset import SFTDataset
+    # the user also types the tags: those must get no weight
+    path = write_jsonl(tmp_path / "r.jsonl", [conv("请用<think>和<answer>格式回答：1+1=?", "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>",
+                                                   system="<think>系统</think>")])
+    ids, labels = one_batch(SFTDataset(path, tok, max_length=128), n=1)
+    tag_ids = torch.tensor(tok.convert_tokens_to_ids(list(tdr.TAGS)))
+    targets, weights, labelled = tdr.tag_weights(labels, tag_ids, 10.0)
+    heavy = (weights == 10.0)
+    assert tok.convert_ids_to_tokens(targets[heavy].tolist()) == ["<think>", "</think>", "<answer>", "</answer>"]
+    assert torch.equal(weights[~heavy & labelled], torch.ones(int((~heavy & labelled).sum())))
+    assert (weights[~labelled] == 0).all()
+    losses = overfit(tiny_model(), lambda m, b: tdr.reason_loss(m, b, tag_ids, 10.0), (ids, labels))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one clear line, non-zero exit, nothing half-written
+# ----------------------------------------------------------------------------------------------------
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), proc.stderr[-2000:]
+    for n in needles:
+        assert n in last, last
+
+
+def test_missing_previous_stage(data, tmp_path):
+    proc = run("train_full_sft.py", *TINY_FLAGS, "--out_dir", str(tmp_path), "--data_path", data["sft"], check=False)
+    assert_one_line_error(proc, "full_sft" if False else "pretrain_64.pth", "train_pretrain.py")
+    proc = run("train_lora.py", *TINY_FLAGS, "--out_dir", str(tmp_path), "--data_path", data["sft"], check=False)
+    assert_one_line_error(proc, "rlhf_64.pth", "train_dpo.py")
+
+
+def test_wrong_stage_data_and_bad_line(data, tmp_path):
+    proc = run("train_pretrain.py", *TINY_FLAGS, "--out_dir", str(tmp_path), "--data_path", data["sft"], check=False)
+    assert_one_line_error(proc, "sft.jsonl:1")
+    bad = tmp_path / "bad.jsonl"
+    lines = open(data["pretrain"], encoding="utf-8").read().splitlines()
+    lines.insert(3, '{"text": "unterminated')
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = run("train_pretrain.py", *TINY_FLAGS, "--out_dir", str(tmp_path), "--data_path", str(bad), check=False)
+    assert_one_line_error(proc, "bad.jsonl:4")
+
+
+def test_unwritable_out_dir(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run("train_pretrain.py", *TINY_FLAGS, "--out_dir", str(blocker / "sub"), "--data_path", data["pretrain"],
+               "--max_seq_len", "32", "--batch_size", "4", check=False)
+    assert_one_line_error(proc, "--out_dir")
+
+
+def test_crash_mid_save_keeps_old_weight_file(tmp_path, monkeypatch):
+    import trainer_utils
+    model = tiny_model()
+    path = str(tmp_path / "pretrain_64.pth")
+    trainer_utils.save_weights(model, path)
+    before = open(path, "rb").read()
+
+    def exploding_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(trainer_utils.torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        trainer_utils.save_weights(tiny_model(seed=1), path)
+    assert open(path, "rb").read() == before
+    assert not any(".tmp" in f for f in os.listdir(tmp_path))
+
+
+def test_mismatched_weight_file_is_one_clear_error(tmp_path):
+    import trainer_utils
+    model = tiny_model()
+    path = str(tmp_path / "plain.pth")
+    torch.save(model.state_dict(), path)  # a plain MiniMind2-style .pth: sizes come from the flags
+
+    class Args:
+        dim, n_layers, n_heads, n_kv_heads, use_moe, dropout = 64, 2, 4, 2, False, 0.0
+    loaded = trainer_utils.load_weights(path, args=Args)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    Args.n_layers = 3
+    with pytest.raises(trainer_utils.UserError, match="n_layers"):
+        trainer_utils.load_weights(path, args=Args)

@@ -1,0 +1,567 @@
+"""Plumbing every training stage shares: arguments, DDP, precision, LR schedule, logging, checkpoints and
+the training loop. Each train_*.py keeps its own idea (data and loss) and imports the rest from here."""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_parameters
+
+STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
+                 "reason": "train_distill_reason.py"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix (missing file, wrong flag, bad data): printed as one line, exit 1."""
+
+
+def run_main(main):
+    """Run a script's main(); known user errors become one line on stderr and a non-zero exit."""
+    from dataset.lm_dataset import DataFormatError
+    from model.model_lora import LoRAError
+    try:
+        main()
+    except (UserError, DataFormatError, LoRAError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {v!r}")
+
+
+def add_bool(group, *names, default=False, help=""):
+    group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="0|1", help=help)
+
+
+def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, max_seq_len, data_path,
+                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None):
+    """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
+    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8, help="number of Transformer blocks")
+    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=int, default=8, help="query heads")
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=2, help="key/value heads (GQA)")
+    add_bool(g, "--use_moe", help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)")
+    g.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per sample; longer samples are truncated")
+    g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
+    if from_weight is not None:
+        g.add_argument("--from_weight", default=from_weight,
+                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason) or a .pth path")
+    g.add_argument("--save_weight", default=out_weight, help="prefix of the weight file this stage writes")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=data_path, help="jsonl training data")
+    g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    add_bool(g, "--skip_bad_lines", help="skip malformed data lines (and report how many) instead of stopping")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch_size", type=int, default=batch_size, help="samples per micro-batch per process")
+    g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=float, default=learning_rate, help="peak LR; cosine decays to lr/10")
+    g.add_argument("--accumulation_steps", type=int, default=accumulation_steps, help="micro-batches per optimizer step")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--warmup_iters", type=int, default=0, help="linear LR warmup, in optimizer steps")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    g.add_argument("--stop_at_step", type=int, default=0,
+                   help="stop (after saving) at this optimizer step as if interrupted; resume later with --resume 1 (0: run to the end)")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]; torchrun sets the GPU per process")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="autocast dtype on CUDA (CPU runs float32)")
+    add_bool(g, "--ddp", help="accepted for MiniMind compatibility; DDP is used whenever torchrun starts the script")
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--out_dir", default="out", help="where weight, resume and log files go")
+    g.add_argument("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
+    g.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between checkpoints (the end always saves)")
+    add_bool(g, "--resume", help="continue from the resume file in --out_dir if there is one")
+    g.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="dtype of the weight file")
+    add_bool(g, "--use_wandb", help="log to Weights & Biases (offline mode without an API key)")
+    g.add_argument("--wandb_project", default="MiniMind")
+    return p
+
+
+def model_config_from_args(args) -> MiniMindConfig:
+    try:
+        return MiniMindConfig(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                              num_key_value_heads=args.n_kv_heads, use_moe=args.use_moe, dropout=args.dropout)
+    except ValueError as e:
+        raise UserError(f"bad model flags: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes and precision
+# ----------------------------------------------------------------------------------------------------
+class Context:
+    """Where this process runs: rank, world size, device, autocast."""
+    def __init__(self, args):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        if self.ddp:
+            self.rank, self.local_rank, self.world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+            if args.device.startswith("cuda"):
+                self.device = torch.device(f"cuda:{self.local_rank}")
+                torch.cuda.set_device(self.device)
+                dist.init_process_group(backend="nccl")
+            else:
+                self.device = torch.device("cpu")
+                dist.init_process_group(backend="gloo")
+        else:
+            self.rank, self.local_rank, self.world = 0, 0, 1
+            if args.device.startswith("cuda") and not torch.cuda.is_available():
+                raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
+            self.device = torch.device(args.device)
+        self.is_master = self.rank == 0
+        self.cuda = self.device.type == "cuda"
+        self.dtype = getattr(torch, args.dtype) if self.cuda else torch.float32
+        self.autocast = (torch.autocast("cuda", dtype=self.dtype) if self.cuda and self.dtype != torch.float32
+                         else contextlib.nullcontext())
+        # GradScaler only for float16: bf16 has float32's exponent range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda and self.dtype == torch.float16)
+        seed_everything(args.seed + self.rank)
+
+    def print(self, *a, **kw):
+        if self.is_master:
+            print(*a, **kw, flush=True)
+
+    def all_reduce_mean(self, t):
+        if self.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world
+        return t
+
+    def all_reduce_max(self, t):
+        if self.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_lr(step, total_steps, lr, warmup):
+    """Linear warmup over `warmup` optimizer steps, then cosine from lr to lr/10 at total_steps."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return lr / 10 + 0.5 * (lr - lr / 10) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight files: {out_dir}/{prefix}_{dim}[_moe].pth, a plain state dict as MiniMind writes it, with the
+# config that rebuilds it beside it in {...}.json. Always read with weights_only=True.
+# ----------------------------------------------------------------------------------------------------
+def weight_path(out_dir, prefix, dim, use_moe):
+    return os.path.join(out_dir, f"{prefix}_{dim}{'_moe' if use_moe else ''}.pth")
+
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def unwrap(model):
+    return getattr(model, "module", getattr(model, "_orig_mod", model))
+
+
+def save_weights(model, path, dtype="float32"):
+    model = unwrap(model)
+    sd = {k: v.detach().to("cpu", getattr(torch, dtype)) for k, v in model.state_dict().items()
+          if not k.rsplit(".", 1)[-1].startswith("lora_")}
+    atomic_write_text(model.config.to_json_string(use_diff=False), path[:-len(".pth")] + ".json")
+    atomic_torch_save(sd, path)
+
+
+def _read_state_dict(path):
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # a resume file
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
+    """Rebuild the model a weight file was saved from (config from the .json beside it, or from the
+    flags for a plain MiniMind2 .pth) and load it strictly. Errors are one clear line."""
+    if not os.path.exists(path):
+        hint = f": run {what_makes_it} first" if what_makes_it else ""
+        raise UserError(f"{path} not found{hint} (or point --from_weight / --out_dir at an existing weight file)")
+    cfg_path = path[:-len(".pth")] + ".json"
+    if os.path.exists(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
+            cfg.pop(k, None)
+        cfg["dropout"] = dropout
+        config = MiniMindConfig(**cfg)
+        if args is not None and (args.dim, args.n_layers, bool(args.use_moe)) != (config.hidden_size, config.num_hidden_layers, config.use_moe):
+            print(f"note: {path} holds a dim={config.hidden_size} n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)} "
+                  f"model; using that (flags said {args.dim}/{args.n_layers}/{int(args.use_moe)})", flush=True)
+    elif args is not None:
+        config = model_config_from_args(args)
+    else:
+        raise UserError(f"{cfg_path} not found: cannot tell the model size of {path}; pass --dim/--n_layers/--use_moe")
+    sd = _read_state_dict(path)
+    model = MiniMindForCausalLM(config)
+    own = model.state_dict()
+    if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit a dim={config.hidden_size} n_layers={config.num_hidden_layers} "
+                        f"use_moe={int(config.use_moe)} model: missing {missing[:2]}, unexpected {unexpected[:2]}; check --dim/--n_layers/--use_moe")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)} but a dim={config.hidden_size} model needs "
+                            f"{tuple(own[k].shape)}; check --dim/--n_layers/--use_moe")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model
+
+
+def resolve_weight(args, name):
+    """--from_weight is a stage prefix in --out_dir or a path. Returns (path, script that makes it)."""
+    if name.endswith(".pth") or os.sep in name:
+        return name, None
+    return weight_path(args.out_dir, name, args.dim, args.use_moe), STAGE_SCRIPTS.get(name)
+
+
+def load_from_weight(args, name=None):
+    """The model this stage starts from (--from_weight), loaded strictly."""
+    path, maker = resolve_weight(args, name or args.from_weight)
+    return load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
+
+
+def check_out_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir} is not writable ({e.strerror}); choose another folder") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data loading: DistributedSampler (one replica when not distributed) whose first `skip` indices of an
+# epoch can be dropped, so a resumed run sees exactly the batches an uninterrupted one would.
+# ----------------------------------------------------------------------------------------------------
+class ResumableSampler(torch.utils.data.Sampler):
+    def __init__(self, dataset, ctx, seed, shuffle=True):
+        self.inner = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
+                                                         shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+def make_loader(dataset, args, ctx, collate_fn):
+    if len(dataset) < ctx.world * args.batch_size:
+        raise UserError(f"{args.data_path}: {len(dataset)} samples is fewer than one batch "
+                        f"({ctx.world} process(es) x --batch_size {args.batch_size}); lower --batch_size")
+    sampler = ResumableSampler(dataset, ctx, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, collate_fn=collate_fn,
+                                         pin_memory=ctx.cuda, persistent_workers=False)
+    return loader, sampler
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return tuple(v.to(device, non_blocking=True) for v in batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging: a line per --log_interval steps, a jsonl of the same numbers under out_dir/logs, wandb.
+# ----------------------------------------------------------------------------------------------------
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40": 181e12,
+                   "4090": 165e12, "3090": 71e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+
+
+def device_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token: 6 x (active non-embedding + lm_head params) + attention."""
+    H, L = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * config.head_dim
+    ffn = 3 * H * config.intermediate_size
+    n_ffn = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
+    per_layer = 2 * H * H + 2 * H * kv + n_ffn * ffn
+    n = L * per_layer + H * config.vocab_size
+    return 6 * n + 12 * L * H * seq_len
+
+
+class Logger:
+    def __init__(self, args, ctx, stage, run_state):
+        self.ctx, self.args = ctx, args
+        self.path = None
+        self.wandb = None
+        if not ctx.is_master:
+            return
+        os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
+        self.path = os.path.join(args.out_dir, "logs", f"{args.save_weight}_{args.dim}{'_moe' if args.use_moe else ''}.jsonl")
+        if not run_state.get("resumed") and os.path.exists(self.path):
+            os.remove(self.path)
+        if args.use_wandb:
+            import wandb  # optional: only needed with --use_wandb
+            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+                os.environ["WANDB_MODE"] = "offline"
+            run_id = run_state.get("wandb_id") or wandb.util.generate_id()
+            run_state["wandb_id"] = run_id
+            self.wandb = wandb.init(project=args.wandb_project, id=run_id, resume="allow", dir=args.out_dir,
+                                    name=f"{stage}-{args.dim}", config=vars(args))
+
+    def log(self, record):
+        if not self.ctx.is_master:
+            return
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "eta_s"]
+        eta = record.get("eta_s")
+        if eta is not None:
+            parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        print(" | ".join(parts), flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop. `loss_fn(model, batch) -> (loss, metrics dict of scalar tensors)` is the stage's
+# own idea, defined in its script; everything else happens here.
+# ----------------------------------------------------------------------------------------------------
+def resume_path(args):
+    return weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)[:-len(".pth")] + "_resume.pth"
+
+
+def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_params=None, save_fn=None):
+    """Run every epoch: accumulation with no_sync, clipping, LR schedule, non-finite skip, logging,
+    periodic and final saves, resume. save_fn(model) writes the stage's weight file and returns its path."""
+    check_out_dir(args.out_dir)
+    out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
+
+    def save_stage_weights(m):
+        save_weights(m, out_path, args.save_dtype)
+        return out_path
+    save_fn = save_fn or save_stage_weights
+    model.to(ctx.device)
+    params = trainable_params if trainable_params is not None else [p for p in model.parameters() if p.requires_grad]
+    fused = ctx.cuda  # fused AdamW: one kernel for all parameters on CUDA
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
+    loader, sampler = make_loader(dataset, args, ctx, collate_fn)
+    steps_per_epoch = len(loader) // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"{args.data_path}: {len(loader)} batches per epoch is fewer than --accumulation_steps "
+                        f"{args.accumulation_steps}; lower it or --batch_size")
+    total_steps = steps_per_epoch * args.epochs
+
+    state = {"epoch": 0, "step": 0, "resumed": False}
+    rpath = resume_path(args)
+    if args.resume:
+        if os.path.exists(rpath):
+            ck = torch.load(rpath, map_location="cpu", weights_only=True)
+            unwrap(model).load_state_dict(ck["model"], strict=True)
+            optimizer.load_state_dict(ck["optimizer"])
+            ctx.scaler.load_state_dict(ck["scaler"])
+            state.update(ck["state"], resumed=True)
+            restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
+            ctx.print(f"resumed from {rpath} at optimizer step {state['step']}")
+        else:
+            ctx.print(f"no resume file at {rpath}; starting fresh")
+
+    ddp_model = model
+    if ctx.ddp:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    logger = Logger(args, ctx, stage, state)
+    n_params = count_parameters(unwrap(model))
+    n_train = sum(p.numel() for p in params)
+    ctx.print(f"{stage}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), {len(dataset)} samples, "
+              f"{ctx.world} process(es), {total_steps} optimizer steps, device {ctx.device}, dtype {ctx.dtype}")
+    peak = device_peak_flops(ctx.device)
+    fpt = flops_per_token(unwrap(model).config, args.max_seq_len)
+
+    def save(final=False):
+        rng = [rng_state()]
+        if ctx.ddp:  # every rank's RNG, so a resumed run continues each rank's stream
+            rng = [None] * ctx.world
+            dist.all_gather_object(rng, rng_state())
+        if ctx.is_master:
+            state["saved"] = save_fn(unwrap(model))
+            ck = {"model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+                  "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+                  "state": {k: v for k, v in state.items() if k != "resumed"}, "rng": rng}
+            atomic_torch_save(ck, rpath)
+        if ctx.ddp:
+            dist.barrier()
+
+    model.train()
+    nonfinite_in_row, skipped_total = 0, 0
+    t0, tokens_since, last_log_step = time.time(), 0, state["step"]
+    run_t0, run_start_step = t0, state["step"]
+    metrics_sum, loss_sum, micro_count = {}, torch.zeros((), device=ctx.device), 0
+    stopped_early = False
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"]
+        done_in_epoch = state["step"] - epoch * steps_per_epoch
+        sampler.set_epoch(epoch, skip=done_in_epoch * args.accumulation_steps * args.batch_size)
+        it = iter(loader)
+        for _ in range(steps_per_epoch - done_in_epoch):
+            lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            bad = torch.zeros((), device=ctx.device)
+            for micro in range(args.accumulation_steps):
+                batch = to_device(next(it), ctx.device)
+                last = micro == args.accumulation_steps - 1
+                # Gradients are all-reduced only on the last micro-batch of an accumulation.
+                sync = ddp_model.no_sync() if (ctx.ddp and not last) else contextlib.nullcontext()
+                with sync:
+                    with ctx.autocast:
+                        loss, metrics = loss_fn(ddp_model, batch)
+                    bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+                    ctx.scaler.scale(loss / args.accumulation_steps).backward()
+                loss_sum += loss.detach().float()
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0) + v.detach().float()
+                micro_count += 1
+                tokens_since += batch_tokens(batch)
+            # One host sync per optimizer step: all ranks agree whether this step's loss was finite.
+            if ctx.all_reduce_max(bad).item() > 0:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_row += 1
+                skipped_total += 1
+                ctx.print(f"step {state['step'] + 1}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
+                if nonfinite_in_row >= args.max_nonfinite:
+                    raise UserError(f"loss was NaN/inf for {nonfinite_in_row} optimizer steps in a row; lower --learning_rate, "
+                                    f"try --dtype bfloat16 or float32, or check the data")
+            else:
+                nonfinite_in_row = 0
+                if args.grad_clip > 0:
+                    ctx.scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                ctx.scaler.step(optimizer)
+                ctx.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["epoch"] = state["step"] // steps_per_epoch
+
+            step = state["step"]
+            if step % args.log_interval == 0 or step == total_steps:
+                dt = time.time() - t0
+                n = max(micro_count, 1)
+                # the logged numbers are averages over all ranks (a sync, but only at log steps)
+                ctx.all_reduce_mean(loss_sum)
+                for v in metrics_sum.values():
+                    ctx.all_reduce_mean(v)
+                tok_s = tokens_since * ctx.world / max(dt, 1e-9)
+                record = {"step": step, "epoch": epoch + 1, "loss": round(loss_sum.item() / n, 6), "lr": lr,
+                          "tokens_per_s": round(tok_s, 1)}
+                record.update({k: round(v.item() / n, 6) for k, v in metrics_sum.items()})
+                if peak:
+                    record["mfu"] = round(tok_s * fpt / (peak * ctx.world), 4)
+                if skipped_total:
+                    record["skipped_steps"] = skipped_total
+                rate = (step - run_start_step) / max(time.time() - run_t0, 1e-9)
+                record["eta_s"] = round((total_steps - step) / max(rate, 1e-9), 1)
+                logger.log(record)
+                t0, tokens_since, micro_count = time.time(), 0, 0
+                loss_sum.zero_()
+                metrics_sum = {}
+            if step % args.save_interval == 0 and step != total_steps:
+                save()
+            if args.stop_at_step and step >= args.stop_at_step and step != total_steps:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    save(final=True)
+    logger.finish()
+    if stopped_early:
+        ctx.print(f"stopped at step {state['step']} of {total_steps} (--stop_at_step); continue with --resume 1")
+    else:
+        ctx.print(f"saved {state.get('saved')}")
+    return out_path
+
+
+def batch_tokens(batch):
+    if isinstance(batch, dict):
+        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+    return batch[0].numel()
+
+
+def rng_state():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(s):
+    random.setstate(s["python"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
