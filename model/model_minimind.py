@@ -16,6 +16,14 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+# transformers renamed the output's KV-cache field from `past_key_values` to `cache` (5.2x); use whichever
+# this version has, so neither warns. `output_cache(out)` reads it.
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out):
+    return getattr(out, _CACHE_FIELD)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -451,7 +459,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             past = past_key_values if isinstance(past_key_values, Cache) else presents
         else:
             past = None
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=past)
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, **{_CACHE_FIELD: past})
 
     # ------------------------------------------------------------------------------------------------
     # Generation for chat UIs: yields token ids one at a time (see `stream_text` for text pieces).
@@ -466,7 +474,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         seen = input_ids[0].tolist()
         for _ in range(max_new_tokens):
             out = self(ids, attention_mask=attention_mask, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            past = output_cache(out)
             logits = out.logits[0, -1].float()
             next_id = sample_next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
             if next_id == eos_token_id:

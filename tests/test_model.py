@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from model.model_lora import LoRAError, apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
-from model.model_minimind import (PRESETS, MiniMindConfig, MiniMindForCausalLM, count_parameters, sample_next_token,
-                                  stream_text)
+from model.model_minimind import (PRESETS, MiniMindConfig, MiniMindForCausalLM, count_parameters, output_cache,
+                                  sample_next_token, stream_text)
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
             max_position_embeddings=256)
@@ -52,15 +52,15 @@ def test_cached_decoding_equals_full_forward(moe):
     full = model(x).logits
     out = model(x[:, :12], use_cache=True)
     steps = [out.logits]
-    past = out.past_key_values
+    past = output_cache(out)
     for t in range(12, 20):
         out = model(x[:, t:t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        past = output_cache(out)
         steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     # a multi-token chunk on top of a cache (chunked prefill) too
     out = model(x[:, :7], use_cache=True)
-    out2 = model(x[:, 7:], past_key_values=out.past_key_values, use_cache=True)
+    out2 = model(x[:, 7:], past_key_values=output_cache(out), use_cache=True)
     assert torch.allclose(out2.logits, full[:, 7:], atol=1e-5)
 
 
