@@ -1,0 +1,288 @@
+"""
+Chat with, or auto-test, the model any stage wrote; optionally with a LoRA adapter on top.
+
+    python eval_model.py                                        # full_sft model; asks [0] auto test / [1] manual input
+    python eval_model.py --model_mode 0                         # pretrain model: it continues text, it cannot chat
+    python eval_model.py --lora_name lora_medical --model_mode 2  # rlhf model + out/lora/lora_medical_512.pth
+    python eval_model.py --prompt "你好" --prompt "你是谁？" --temperature 0   # scripted and greedy
+    printf '1\\n你好\\n' | python eval_model.py                  # piped: optional menu answer, then one prompt a line
+    python eval_model.py --load 1 --model_path MiniMind2        # a transformers folder (save_pretrained / convert_model.py)
+
+Each reply is sampled with a fresh torch.Generator seeded with --seed, so it does not depend on earlier
+replies; --temperature 0 is greedy. Ctrl-C or Ctrl-D quits.
+"""
+import argparse
+import itertools
+import os
+import re
+import sys
+
+import torch
+
+from model.model_minimind import stream_text  # importing it also registers "minimind" with AutoModelForCausalLM
+from model.model_lora import LoRAError, load_lora
+from trainer_utils import STAGE_SCRIPTS, UserError, add_bool, load_weights, run_main, weight_path
+
+MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}
+USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
+DIM, RESET = "\033[2m", "\033[0m"  # the <think> part of a reply is dimmed on a terminal
+
+# Auto-test prompts. A pretrain model only continues text, so it gets openings of sentences.
+PRETRAIN_PROMPTS = [
+    "马克思主义基本原理",
+    "人类大脑的主要功能",
+    "万有引力原理是",
+    "世界上最高的山峰是",
+    "二氧化碳在空气中",
+    "地球上最大的动物有",
+    "杭州市的美食有",
+    "The capital of France is",
+]
+CHAT_PROMPTS = [
+    "请介绍一下自己。",
+    "你更擅长哪一个学科？",
+    "鲁迅的《狂人日记》是如何批判封建礼教的？",
+    "我咳嗽已经持续了两周，需要去医院检查吗？",
+    "详细的介绍光速的物理概念。",
+    "推荐一些杭州的特色美食吧。",
+    "请为我讲解“大语言模型”这个概念。",
+    "如何理解ChatGPT？",
+    "Introduce the history of the United States, please.",
+]
+LORA_PROMPTS = {
+    "lora_identity": [
+        "你是谁？",
+        "你叫什么名字？",
+        "你是ChatGPT吧。",
+        "你和openai是什么关系？",
+        "Who are you?",
+    ],
+    "lora_medical": [
+        "我最近经常感到头晕，可能是什么原因？",
+        "我咳嗽已经持续了两周，需要去医院检查吗？",
+        "服用抗生素时需要注意哪些事项？",
+        "体检报告中显示胆固醇偏高，我该怎么办？",
+        "孕妇在饮食上需要注意什么？",
+        "老年人如何预防骨质疏松？",
+        "我最近总是感到焦虑，应该怎么缓解？",
+        "如果有人突然晕倒，应该如何急救？",
+    ],
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("which model")
+    g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODES),
+                   help="0: pretrain, 1: full_sft, 2: rlhf (DPO), 3: reason; loads {out_dir}/{prefix}_{dim}[_moe].pth (default 1)")
+    g.add_argument("--lora_name", default=None,
+                   help="apply {out_dir}/lora/{NAME}_{dim}.pth (made by train_lora.py --lora_name NAME) on the model; "
+                        "use the --model_mode it was trained on (default: no LoRA)")
+    g.add_argument("--out_dir", default="out", help="folder with the weight files (default out)")
+    g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512,
+                   help="hidden size: part of the file name; also builds a plain .pth that has no .json beside it (default 512)")
+    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8,
+                   help="Transformer blocks, for a plain .pth without .json (default 8)")
+    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=int, default=8, help="query heads, for a plain .pth (default 8)")
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=2, help="key/value heads, for a plain .pth (default 2)")
+    add_bool(g, "--use_moe", help="mixture-of-experts model: file name ends in _moe (default 0)")
+    g.add_argument("--load", type=int, default=0, choices=[0, 1],
+                   help="0: native .pth from --out_dir; 1: a transformers folder given by --model_path (default 0)")
+    g.add_argument("--model_path", default="MiniMind2", help="transformers model folder for --load 1 (default MiniMind2)")
+    g.add_argument("--tokenizer_path", default="model",
+                   help="tokenizer folder (default model; with --load 1 the model folder's own tokenizer wins if it has one)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--temperature", type=float, default=0.85, help="0: greedy (default 0.85)")
+    g.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling mass (default 0.85)")
+    g.add_argument("--max_new_tokens", "--max_seq_len", dest="max_new_tokens", type=int, default=512,
+                   help="most tokens per reply (MiniMind calls it --max_seq_len) (default 512)")
+    g.add_argument("--history_cnt", type=int, default=0,
+                   help="past messages kept as context, 2 per turn (user + assistant); 0: every prompt stands alone (default 0)")
+    g.add_argument("--seed", type=int, default=42, help="every reply is sampled with a generator seeded with this (default 42)")
+
+    g = p.add_argument_group("input and output")
+    g.add_argument("--prompt", action="append", default=[],
+                   help="a prompt to answer (repeatable); without it a terminal gets the menu, piped stdin is read "
+                        "one prompt a line (a first line 0 or 1 answers the menu)")
+    add_bool(g, "--stream", default=True, help="print each reply token by token (default 1)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    args = p.parse_args(argv)
+    args.dropout = 0.0  # load_weights builds plain .pth models from the flags and wants this
+    if args.lora_name in ("None", "none", ""):
+        args.lora_name = None  # MiniMind's spelling of "no LoRA"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# ----------------------------------------------------------------------------------------------------
+def load_tokenizer(path):
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise UserError(f"{os.path.join(path, 'tokenizer.json')} not found: run train_tokenizer.py first or pass --tokenizer_path")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_model(args):
+    """-> (model, tokenizer, a line saying what was loaded)."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    if args.load == 0:
+        prefix = MODES[args.model_mode]
+        path = weight_path(args.out_dir, prefix, args.dim, args.use_moe)
+        if not os.path.exists(path):
+            raise UserError(f"{path} not found: run {STAGE_SCRIPTS[prefix]} first "
+                            f"(or pass the --out_dir / --dim / --use_moe it was trained with)")
+        model, tokenizer, what = load_weights(path, args), load_tokenizer(args.tokenizer_path), path
+        dim = args.dim
+    else:
+        if not os.path.isdir(args.model_path):
+            raise UserError(f"--model_path {args.model_path}: no such folder (a transformers model folder, "
+                            f"e.g. written by model.save_pretrained or scripts/convert_model.py)")
+        from transformers import AutoModelForCausalLM
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model_path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--model_path {args.model_path}: cannot load a transformers model "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+        has_own = os.path.isfile(os.path.join(args.model_path, "tokenizer.json"))
+        tokenizer = load_tokenizer(args.model_path if has_own else args.tokenizer_path)
+        what, dim = args.model_path, model.config.hidden_size
+    if args.lora_name:
+        lora_path = os.path.join(args.out_dir, "lora", f"{args.lora_name}_{dim}.pth")
+        if not os.path.exists(lora_path):
+            raise UserError(f"{lora_path} not found: run train_lora.py --lora_name {args.lora_name} first")
+        try:
+            load_lora(model, lora_path)  # the base weights in memory get adapters; no file is written
+        except LoRAError:
+            raise
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"{lora_path}: cannot read LoRA weights ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})") from None
+        what += f" + {lora_path}"
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return model.float().eval().to(args.device), tokenizer, f"{what} ({n_params / 1e6:.2f}M parameters, {args.device})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# One reply
+# ----------------------------------------------------------------------------------------------------
+def prompt_ids(tokenizer, messages, pretrain):
+    """A pretrain model continues raw text after <|im_start|>; the others get the ChatML chat template."""
+    if pretrain:
+        return [tokenizer.bos_token_id] + tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def generate_ids(model, tokenizer, ids, args):
+    """Yield the reply's token ids, sampled with a generator seeded with --seed."""
+    x = torch.tensor([ids], device=args.device)
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    if hasattr(model, "stream_generate"):  # our MiniMindForCausalLM, from a .pth or a transformers folder
+        gen = torch.Generator(device=x.device).manual_seed(args.seed)
+        new = model.stream_generate(x, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=gen)
+    else:  # e.g. a LlamaForCausalLM folder: transformers' generate, not streamed
+        torch.manual_seed(args.seed)
+        sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+        new = out[0, len(ids):].tolist()
+    for t in new:
+        if t in stop:
+            return
+        yield t
+
+
+def show(piece, style):
+    """Print a piece of a reply; on a terminal the text between <think> and </think> is dimmed."""
+    if not style["color"]:
+        print(piece, end="", flush=True)
+        return
+    for part in re.split(r"(<think>|</think>)", piece):
+        if part == "<think>":
+            part, style["think"] = part + DIM, True
+        elif part == "</think>":
+            part, style["think"] = RESET + part, False
+        print(part, end="")
+    sys.stdout.flush()
+
+
+def reply(model, tokenizer, messages, args):
+    """Print the assistant's turn after the 🤖️ marker and return its full text (think part included)."""
+    ids = prompt_ids(tokenizer, messages, pretrain=args.model_mode == 0)
+    style = {"color": sys.stdout.isatty() and not os.environ.get("NO_COLOR"), "think": False}
+    print(BOT, end="", flush=True)
+    pieces = []
+    for piece in stream_text(tokenizer, generate_ids(model, tokenizer, ids, args)):
+        pieces.append(piece)
+        if args.stream:
+            show(piece, style)
+    text = "".join(pieces)
+    if not args.stream:
+        show(text, style)
+    print(RESET if style["think"] else "", end="\n\n", flush=True)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the prompts come from
+# ----------------------------------------------------------------------------------------------------
+def auto_prompts(args):
+    if args.model_mode == 0:
+        return PRETRAIN_PROMPTS
+    return LORA_PROMPTS.get(args.lora_name, CHAT_PROMPTS)
+
+
+def typed_prompts():
+    while True:  # ends with Ctrl-D (EOFError) or Ctrl-C (KeyboardInterrupt), caught in main
+        line = input(USER).strip()
+        if line:
+            yield line
+
+
+def get_prompts(args):
+    """-> (prompts, whether to echo each one after the 👶 marker)."""
+    if args.prompt:
+        return args.prompt, True
+    if sys.stdin.isatty():
+        choice = ""
+        while choice not in ("0", "1"):
+            choice = input("[0] auto test\n[1] manual input\n").strip()
+        return (auto_prompts(args), True) if choice == "0" else (typed_prompts(), False)
+    lines = (line.strip() for line in sys.stdin)  # piped: read lazily, one prompt a line
+    first = next(lines, None)
+    if first is None or first == "0":  # nothing piped also runs the auto test
+        return auto_prompts(args), True
+    rest = lines if first == "1" else itertools.chain([first], lines)
+    return (line for line in rest if line), True
+
+
+def chat(model, tokenizer, prompts, echo, args):
+    messages = []
+    for prompt in prompts:
+        if echo:
+            print(USER + prompt, flush=True)
+        messages = messages[-args.history_cnt:] if args.history_cnt > 0 else []
+        messages.append({"role": "user", "content": prompt})
+        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, args)})
+
+
+def main():
+    args = get_args()
+    sys.stdout.reconfigure(errors="replace")  # a console that cannot show an emoji still gets the text
+    try:
+        model, tokenizer, what = load_model(args)
+        print(f"model: {what}", file=sys.stderr, flush=True)
+        prompts, echo = get_prompts(args)
+        chat(model, tokenizer, prompts, echo, args)
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C / Ctrl-D: a clean exit
+        print(RESET if sys.stdout.isatty() else "", flush=True)
+    except BrokenPipeError:  # e.g. `| head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    run_main(main)

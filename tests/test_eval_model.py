@@ -1,0 +1,219 @@
+"""eval_model.py end to end: tiny random checkpoints written into a temp out_dir with save_weights, the
+script run as a subprocess. The runs are started together (each one mostly spends its time importing
+torch and transformers) and every test waits for the ones it reads."""
+import concurrent.futures
+import hashlib
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from eval_model import BOT, CHAT_PROMPTS, LORA_PROMPTS, PRETRAIN_PROMPTS, USER, get_args, prompt_ids
+from model.model_lora import apply_lora, save_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer_utils import save_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MODES = ["pretrain", "full_sft", "rlhf", "reason"]
+P = "请介绍一下自己。"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", NO_COLOR="1")
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def cmd(out_dir, *flags):
+    return [sys.executable, os.path.join(ROOT, "eval_model.py"), "--out_dir", str(out_dir), "--dim", "64",
+            "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "8", *map(str, flags)]
+
+
+def run(args, stdin=""):
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """out_dir with the four stage checkpoints, a lora_medical adapter, and a save_pretrained folder of rlhf."""
+    d = tmp_path_factory.mktemp("out")
+    for i, prefix in enumerate(MODES):
+        torch.manual_seed(i)
+        model = MiniMindForCausalLM(MiniMindConfig(**TINY))
+        save_weights(model, str(d / f"{prefix}_64.pth"))
+    from transformers import AutoTokenizer
+    model.save_pretrained(d / "hf")  # the last one: reason
+    AutoTokenizer.from_pretrained(os.path.join(ROOT, "model")).save_pretrained(d / "hf")
+    apply_lora(model, rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 1.0)  # a trained adapter is not zero
+    (d / "lora").mkdir()
+    save_lora(model, str(d / "lora" / "lora_medical_64.pth"))
+    return d
+
+
+def tty_session(args):
+    """Run on a pseudo-terminal: answer the menu with 1, type hello, then Ctrl-C at the next prompt.
+    Returns (exit code, everything shown)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=ENV, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker, count=1, wait=120):
+        nonlocal seen
+        deadline = time.time() + wait
+        while seen.count(marker) < count and time.time() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+
+    try:
+        read_until(b"[1] manual input")
+        os.write(master, b"1\n")
+        read_until(USER.encode())
+        os.write(master, b"hello\n")
+        read_until(USER.encode(), 2)  # the reply is done and the next prompt is up
+        time.sleep(1)  # let it block in input(): a signal just before the read would wait for the next key
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        read_until(b"\n", seen.count(b"\n") + 1, wait=30)  # keep draining: unread tty output delays the exit
+        return proc.wait(timeout=30), seen.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+@pytest.fixture(scope="module")
+def base_sha(out):
+    return sha(out / "reason_64.pth")
+
+
+@pytest.fixture(scope="module")
+def runs(out, base_sha):
+    """name -> a function waiting for that run's result; all runs start at once."""
+    jobs = {}
+    for mode in range(4):
+        jobs[f"auto{mode}"] = (cmd(out, "--model_mode", mode), "0\n")
+        jobs[f"manual{mode}"] = (cmd(out, "--model_mode", mode, *(["--temperature", 0] if mode == 3 else [])), "1\nhello\nhello\n")
+    jobs["manual1_nostream"] = (cmd(out, "--model_mode", 1, "--stream", 0), "1\nhello\nhello\n")
+    jobs["manual3_lora"] = (cmd(out, "--model_mode", 3, "--temperature", 0, "--lora_name", "lora_medical"), "1\nhello\nhello\n")
+    jobs["manual3_hf"] = (cmd(out, "--model_mode", 3, "--temperature", 0, "--load", 1, "--model_path", out / "hf"), "1\nhello\nhello\n")
+    jobs["missing_ckpt"] = (cmd(out / "empty", "--model_mode", 3, "--prompt", "hi"), "")
+    jobs["missing_lora"] = (cmd(out, "--model_mode", 2, "--lora_name", "lora_nope", "--prompt", "hi"), "")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run, *job) for name, job in jobs.items()}
+        futures["tty"] = pool.submit(tty_session, cmd(out, "--model_mode", 1))
+        yield {name: f.result for name, f in futures.items()}
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stdout
+
+
+def turns(stdout):
+    """[(prompt, reply), ...] from the transcript."""
+    return [tuple(turn.split("\n" + BOT, 1)) for turn in re.split(f"^{USER}", stdout, flags=re.M)[1:]]
+
+
+@pytest.mark.parametrize("mode", range(4))
+def test_piped_auto_test(runs, mode):
+    stdout = ok(runs[f"auto{mode}"]())
+    prompts = PRETRAIN_PROMPTS if mode == 0 else CHAT_PROMPTS
+    assert [p for p, _ in turns(stdout)] == prompts
+    assert stdout.count(BOT) == len(prompts)
+
+
+@pytest.mark.parametrize("mode", range(4))
+def test_piped_manual_input_reseeds_every_reply(runs, mode):
+    stdout = ok(runs[f"manual{mode}"]())
+    (p1, r1), (p2, r2) = turns(stdout)
+    assert p1 == p2 == "hello"
+    assert r1 == r2  # seeded afresh (and sampled, except mode 3 which is greedy): no dependence on turn 1
+
+
+def test_greedy_is_deterministic_across_runs_and_loaders(runs):
+    # the reason weights again, as a save_pretrained folder, in another process: the same greedy text
+    assert ok(runs["manual3_hf"]()) == ok(runs["manual3"]())
+
+
+def test_stream_prints_the_same_text_as_no_stream(runs):
+    assert ok(runs["manual1"]()) == ok(runs["manual1_nostream"]())
+
+
+def test_lora_changes_output_and_leaves_base_file_alone(runs, out, base_sha):
+    r = runs["manual3_lora"]()
+    assert ok(r) != ok(runs["manual3"]())
+    assert "lora_medical_64.pth" in r.stderr  # the model line says what was loaded
+    assert sha(out / "reason_64.pth") == base_sha
+
+
+def test_load_transformers_folder_uses_its_tokenizer(runs, out):
+    assert f"model: {out / 'hf'}" in runs["manual3_hf"]().stderr
+
+
+@pytest.mark.parametrize("name,file,script", [
+    ("missing_ckpt", os.path.join("empty", "reason_64.pth"), "train_distill_reason.py"),
+    ("missing_lora", os.path.join("lora", "lora_nope_64.pth"), "train_lora.py --lora_name lora_nope"),
+])
+def test_missing_file_is_one_line(runs, out, name, file, script):
+    r = runs[name]()
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert str(out / file) in lines[0] and script in lines[0]
+
+
+def test_terminal_menu_then_ctrl_c_exits_0(runs):
+    rc, shown = runs["tty"]()
+    assert rc == 0, shown
+    assert "[0] auto test" in shown and "👶: hello" in shown and "🤖️: " in shown and "Traceback" not in shown
+
+
+def test_prompt_format():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
+    msgs = [{"role": "user", "content": "你好"}]
+    assert prompt_ids(tok, msgs, pretrain=True) == [tok.bos_token_id] + tok.encode("你好", add_special_tokens=False)
+    assert tok.decode(prompt_ids(tok, msgs, pretrain=False)) == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_flag_spellings():
+    a = get_args(["--hidden_size", "768", "--num_hidden_layers", "16", "--use_moe", "true", "--max_seq_len", "80",
+                  "--lora_name", "None", "--stream", "0"])
+    assert (a.dim, a.n_layers, a.use_moe, a.max_new_tokens, a.lora_name, a.stream) == (768, 16, True, 80, None, False)
+    assert set(LORA_PROMPTS) == {"lora_identity", "lora_medical"}
+
+
+def test_reason_reply_keeps_think_and_dims_it_on_a_terminal(capsys):
+    """The reply text (and the history) keeps <think>...</think>; a terminal shows that part dimmed."""
+    from transformers import AutoTokenizer
+    from eval_model import DIM, RESET, reply, show
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "model"))
+    full = "<think>\n想一想\n</think>\n<answer>\n好的\n</answer>"
+
+    class Scripted:  # stands in for a trained reason model
+        def stream_generate(self, x, **kw):
+            yield from tok.encode(full, add_special_tokens=False)
+
+    args = get_args(["--model_mode", "3", "--device", "cpu"])
+    assert reply(Scripted(), tok, [{"role": "user", "content": "hi"}], args) == full
+    assert capsys.readouterr().out == BOT + full + "\n\n"
+    style = {"color": True, "think": False}
+    for piece in ["<think>", "\n想一想\n", "</think>", "\n<answer>\n好的\n</answer>"]:
+        show(piece, style)
+    assert capsys.readouterr().out == f"<think>{DIM}\n想一想\n{RESET}</think>\n<answer>\n好的\n</answer>"
