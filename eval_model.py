@@ -98,7 +98,8 @@ def get_args(argv=None):
     g.add_argument("--max_new_tokens", "--max_seq_len", dest="max_new_tokens", type=int, default=512,
                    help="most tokens per reply (MiniMind calls it --max_seq_len) (default 512)")
     g.add_argument("--history_cnt", type=int, default=0,
-                   help="past messages kept as context, 2 per turn (user + assistant); 0: every prompt stands alone (default 0)")
+                   help="chat modes: past messages kept as context, 2 per turn (user + assistant); 0: every prompt stands "
+                        "alone (default 0)")
     g.add_argument("--seed", type=int, default=42, help="every reply is sampled with a generator seeded with this (default 42)")
 
     g = p.add_argument_group("input and output")
@@ -183,7 +184,7 @@ def generate_ids(model, tokenizer, ids, args):
         gen = torch.Generator(device=x.device).manual_seed(args.seed)
         new = model.stream_generate(x, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=gen)
-    else:  # e.g. a LlamaForCausalLM folder: transformers' generate, not streamed
+    else:  # a LlamaForCausalLM folder (scripts/convert_model.py writes dense models so): generate(), not streamed
         torch.manual_seed(args.seed)
         sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
         with torch.inference_mode():

@@ -43,7 +43,7 @@ def run(args, stdin=""):
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    """out_dir with the four stage checkpoints, a lora_medical adapter, and a save_pretrained folder of rlhf."""
+    """out_dir with the four stage checkpoints, a lora_medical adapter and a save_pretrained folder, both of the reason model."""
     d = tmp_path_factory.mktemp("out")
     for i, prefix in enumerate(MODES):
         torch.manual_seed(i)
