@@ -4,25 +4,28 @@
 Loads out/pretrain_{dim}.pth, writes out/full_sft_{dim}[_moe].pth. The loss counts only the assistant's
 tokens (and each turn's closing <|im_end|>): the dataset sets every other label to -100.
 """
-from dataset.lm_dataset import SFTDataset, load_tokenizer, make_collate
+from dataset.lm_dataset import SFTDataset, load_tokenizer, make_collate, make_pack_collate
 from trainer_utils import Context, build_parser, load_from_weight, run_main, train
 
 
 def loss_fn(model, batch):
-    input_ids, labels = batch
-    out = model(input_ids, labels=labels)  # cross-entropy on assistant tokens only
-    return out.loss + out.aux_loss, {}
+    input_ids, labels = batch[0], batch[1]
+    position_ids = batch[2] if len(batch) == 3 else None  # --packing: positions restart at every sample
+    out = model(input_ids, labels=labels, position_ids=position_ids, packed=position_ids is not None)
+    return out.loss + out.aux_loss, {}  # cross-entropy on assistant tokens only (+ MoE balancing)
 
 
 def main():
     parser = build_parser("MiniMind full SFT", out_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-5,
-                          max_seq_len=512, data_path="dataset/sft_mini_512.jsonl", from_weight="pretrain")
+                          max_seq_len=512, data_path="dataset/sft_mini_512.jsonl", from_weight="pretrain",
+                          packing=True)
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
     dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     model = load_from_weight(args)
-    train(args, ctx, model, dataset, make_collate(tokenizer.pad_token_id), loss_fn, stage="full_sft")
+    collate = make_pack_collate(args.max_seq_len) if args.packing else make_collate(tokenizer.pad_token_id)
+    train(args, ctx, model, dataset, collate, loss_fn, stage="full_sft")
 
 
 if __name__ == "__main__":

@@ -4,26 +4,29 @@
     torchrun --nproc_per_node 2 train_pretrain.py
 Writes out/pretrain_{dim}[_moe].pth, which train_full_sft.py loads.
 """
-from dataset.lm_dataset import PretrainDataset, load_tokenizer, make_collate
+from dataset.lm_dataset import PretrainDataset, load_tokenizer, make_collate, make_pack_collate
 from model.model_minimind import MiniMindForCausalLM
 from trainer_utils import Context, build_parser, model_config_from_args, run_main, train
 
 
 def loss_fn(model, batch):
-    input_ids, labels = batch
-    out = model(input_ids, labels=labels)  # mean next-token cross-entropy over labelled tokens
-    return out.loss + out.aux_loss, {}     # aux_loss: MoE load balancing (0 for a dense model)
+    input_ids, labels = batch[0], batch[1]
+    position_ids = batch[2] if len(batch) == 3 else None  # --packing: positions restart at every sample
+    out = model(input_ids, labels=labels, position_ids=position_ids, packed=position_ids is not None)
+    return out.loss + out.aux_loss, {}  # mean next-token cross-entropy + MoE load balancing (0 if dense)
 
 
 def main():
     parser = build_parser("MiniMind pretraining", out_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
-                          max_seq_len=512, data_path="dataset/pretrain_hq.jsonl", accumulation_steps=8)
+                          max_seq_len=512, data_path="dataset/pretrain_hq.jsonl", accumulation_steps=8,
+                          packing=True)
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
     dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     model = MiniMindForCausalLM(model_config_from_args(args))
-    train(args, ctx, model, dataset, make_collate(tokenizer.pad_token_id), loss_fn, stage="pretrain")
+    collate = make_pack_collate(args.max_seq_len) if args.packing else make_collate(tokenizer.pad_token_id)
+    train(args, ctx, model, dataset, collate, loss_fn, stage="pretrain")
 
 
 if __name__ == "__main__":

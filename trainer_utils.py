@@ -29,7 +29,7 @@ def run_main(main):
     from model.model_lora import LoRAError
     try:
         main()
-    except (UserError, DataFormatError, LoRAError) as e:
+    except (UserError, DataFormatError, LoRAError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -58,7 +58,7 @@ def add_bool(group, *names, default=False, help=""):
 
 
 def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, max_seq_len, data_path,
-                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None):
+                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False):
     """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
@@ -78,24 +78,31 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--data_path", default=data_path, help="jsonl training data")
     g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
     add_bool(g, "--skip_bad_lines", help="skip malformed data lines (and report how many) instead of stopping")
+    if packing:
+        add_bool(g, "--packing", help="pack several samples per row (attention and positions restart per sample): "
+                                      "far less padding when most samples are shorter than --max_seq_len")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
     g.add_argument("--batch_size", type=int, default=batch_size, help="samples per micro-batch per process")
     g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=float, default=learning_rate, help="peak LR; cosine decays to lr/10")
     g.add_argument("--accumulation_steps", type=int, default=accumulation_steps, help="micro-batches per optimizer step")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear LR warmup, in optimizer steps")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--seed", type=int, default=42, help="seed for initialisation and data order (rank r uses seed + r)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in attention, feed-forward and embeddings")
     g.add_argument("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="cap on optimizer steps; the LR schedule spans the capped run (0: --epochs decides)")
     g.add_argument("--stop_at_step", type=int, default=0,
                    help="stop (after saving) at this optimizer step as if interrupted; resume later with --resume 1 (0: run to the end)")
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]; torchrun sets the GPU per process")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="autocast dtype on CUDA (CPU runs float32)")
+    g.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False, metavar="0|1",
+                   help="torch.compile the model (CUDA; first steps are slower while it compiles)")
     add_bool(g, "--ddp", help="accepted for MiniMind compatibility; DDP is used whenever torchrun starts the script")
 
     g = p.add_argument_group("logging and checkpoints")
@@ -105,7 +112,7 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     add_bool(g, "--resume", help="continue from the resume file in --out_dir if there is one")
     g.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="dtype of the weight file")
     add_bool(g, "--use_wandb", help="log to Weights & Biases (offline mode without an API key)")
-    g.add_argument("--wandb_project", default="MiniMind")
+    g.add_argument("--wandb_project", default="MiniMind", help="wandb project name")
     return p
 
 
@@ -417,6 +424,8 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
         raise UserError(f"{args.data_path}: {len(loader)} batches per epoch is fewer than --accumulation_steps "
                         f"{args.accumulation_steps}; lower it or --batch_size")
     total_steps = steps_per_epoch * args.epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
 
     state = {"epoch": 0, "step": 0, "resumed": False}
     rpath = resume_path(args)
@@ -435,6 +444,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     ddp_model = model
     if ctx.ddp:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     logger = Logger(args, ctx, stage, state)
     n_params = count_parameters(unwrap(model))
     n_train = sum(p.numel() for p in params)
@@ -459,28 +469,31 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
 
     model.train()
     nonfinite_in_row, skipped_total = 0, 0
-    t0, tokens_since, last_log_step = time.time(), 0, state["step"]
+    t0, tokens_since, wait_s = time.time(), 0, 0.0
+    nonpad_since = torch.zeros((), device=ctx.device, dtype=torch.long)
     run_t0, run_start_step = t0, state["step"]
     metrics_sum, loss_sum, micro_count = {}, torch.zeros((), device=ctx.device), 0
     stopped_early = False
-    while state["epoch"] < args.epochs:
+    while state["step"] < total_steps:
         epoch = state["epoch"]
         done_in_epoch = state["step"] - epoch * steps_per_epoch
         sampler.set_epoch(epoch, skip=done_in_epoch * args.accumulation_steps * args.batch_size)
         it = iter(loader)
-        for _ in range(steps_per_epoch - done_in_epoch):
+        for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state["step"])):
             lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             bad = torch.zeros((), device=ctx.device)
             for micro in range(args.accumulation_steps):
+                t_wait = time.time()
                 batch = to_device(next(it), ctx.device)
+                wait_s += time.time() - t_wait
                 last = micro == args.accumulation_steps - 1
                 # Gradients are all-reduced only on the last micro-batch of an accumulation.
                 sync = ddp_model.no_sync() if (ctx.ddp and not last) else contextlib.nullcontext()
                 with sync:
                     with ctx.autocast:
-                        loss, metrics = loss_fn(ddp_model, batch)
+                        loss, metrics = loss_fn(forward_model, batch)
                     bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                     ctx.scaler.scale(loss / args.accumulation_steps).backward()
                 loss_sum += loss.detach().float()
@@ -488,6 +501,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                     metrics_sum[k] = metrics_sum.get(k, 0) + v.detach().float()
                 micro_count += 1
                 tokens_since += batch_tokens(batch)
+                nonpad_since += batch_nonpad_tokens(batch)
             # One host sync per optimizer step: all ranks agree whether this step's loss was finite.
             if ctx.all_reduce_max(bad).item() > 0:
                 optimizer.zero_grad(set_to_none=True)
@@ -518,7 +532,9 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                     ctx.all_reduce_mean(v)
                 tok_s = tokens_since * ctx.world / max(dt, 1e-9)
                 record = {"step": step, "epoch": epoch + 1, "loss": round(loss_sum.item() / n, 6), "lr": lr,
-                          "tokens_per_s": round(tok_s, 1)}
+                          "tokens_per_s": round(tok_s, 1),
+                          "nonpad_tokens_per_s": round(nonpad_since.item() * ctx.world / max(dt, 1e-9), 1),
+                          "data_wait": round(wait_s / max(dt, 1e-9), 4)}
                 record.update({k: round(v.item() / n, 6) for k, v in metrics_sum.items()})
                 if peak:
                     record["mfu"] = round(tok_s * fpt / (peak * ctx.world), 4)
@@ -526,8 +542,11 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                     record["skipped_steps"] = skipped_total
                 rate = (step - run_start_step) / max(time.time() - run_t0, 1e-9)
                 record["eta_s"] = round((total_steps - step) / max(rate, 1e-9), 1)
+                if ctx.cuda:
+                    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
                 logger.log(record)
-                t0, tokens_since, micro_count = time.time(), 0, 0
+                t0, tokens_since, micro_count, wait_s = time.time(), 0, 0, 0.0
+                nonpad_since.zero_()
                 loss_sum.zero_()
                 metrics_sum = {}
             if step % args.save_interval == 0 and step != total_steps:
@@ -550,6 +569,12 @@ def batch_tokens(batch):
     if isinstance(batch, dict):
         return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
     return batch[0].numel()
+
+
+def batch_nonpad_tokens(batch, pad_id=0):
+    if isinstance(batch, dict):
+        return sum((v != pad_id).sum() for k, v in batch.items() if k.endswith("input_ids"))
+    return (batch[0] != pad_id).sum()
 
 
 def rng_state():

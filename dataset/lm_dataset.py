@@ -324,3 +324,42 @@ def make_collate(pad_id=0, pad_to_multiple_of=None, max_length=None):
 
 
 collate_fn = make_collate()
+
+
+def make_pack_collate(max_length, pad_id=0):
+    """--packing: put a batch's samples into as few rows of at most max_length tokens as they fit (first fit,
+    longest first) instead of padding each to the longest. Returns (input_ids, labels, position_ids).
+
+    Positions restart at 0 at each sample; the model reads those restarts as sample boundaries (attention
+    never crosses them). Each sample's first label is dropped so the last token of one sample is never
+    trained to predict the first token of the next; that label is never used without packing either, so
+    the packed loss equals the padded one for the same samples. Trailing padding counts as one more sample."""
+
+    def collate(batch):
+        rows, space = [], []
+        for ids, labels in sorted(batch, key=lambda s: -len(s[0])):
+            ids, labels = ids[:max_length], labels[:max_length]
+            for r, free in enumerate(space):
+                if free >= len(ids):
+                    rows[r].append((ids, labels))
+                    space[r] -= len(ids)
+                    break
+            else:
+                rows.append([(ids, labels)])
+                space.append(max_length - len(ids))
+        T = max_length - min(space)
+        input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        label_out = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, row in enumerate(rows):
+            t = 0
+            for ids, labels in row:
+                n = len(ids)
+                input_ids[r, t:t + n] = ids
+                label_out[r, t + 1:t + n] = labels[1:]
+                position_ids[r, t:t + n] = torch.arange(n)
+                t += n
+            position_ids[r, t:] = torch.arange(T - t)
+        return input_ids, label_out, position_ids
+
+    return collate
