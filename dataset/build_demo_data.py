@@ -1,7 +1,7 @@
 """
 Build the offline demo data set: every stage's jsonl in MiniMind's exact formats, plus held-out eval splits.
 
-    python dataset/build_demo_data.py                 # -> dataset/demo/ (about 6 MB, a few seconds)
+    python dataset/build_demo_data.py                 # -> dataset/demo/ (about 4 MB, a few seconds)
     python dataset/build_demo_data.py --if_missing    # only builds when a file is missing
     from dataset.build_demo_data import ensure_demo_data; ensure_demo_data()   # same, from Python
 
@@ -119,19 +119,28 @@ def pack(paragraphs, min_chars, max_chars, ends, joiner):
     return [d for d in docs if d]
 
 
-def build_pretrain(rng, n_eval, max_chars=0):
-    zh = pack(peoples_daily_paragraphs(), 40, 240, "。！？", "\n")
-    en = pack(english_paragraphs(), 100, 700, ".!?", " ")
-    docs = list(dict.fromkeys(zh + en))  # exact duplicates out (boilerplate bylines repeat)
+def take(docs, rng, max_chars):
+    """A random subset of docs (in random order) with at most max_chars characters; 0 = all."""
+    docs = list(dict.fromkeys(docs))  # exact duplicates out (boilerplate bylines repeat)
     rng.shuffle(docs)
-    if max_chars:
-        total, keep = 0, []
-        for d in docs:
-            if total >= max_chars:
-                break
-            keep.append(d)
-            total += len(d)
-        docs = keep
+    if not max_chars:
+        return docs
+    keep, total = [], 0
+    for d in docs:
+        if total + len(d) > max_chars:
+            break
+        keep.append(d)
+        total += len(d)
+    return keep
+
+
+def build_pretrain(rng, n_eval, zh_chars=0, en_chars=0):
+    # Chinese is capped by default: ~0.6M characters is what a tiny CPU model gets through in a few
+    # minutes, and it leaves English a larger share of the tokenizer's merges.
+    docs = take(pack(peoples_daily_paragraphs(), 40, 240, "。！？", "\n"), rng, zh_chars)
+    docs += take(pack(english_paragraphs(), 100, 700, ".!?", " "), rng, en_chars)
+    docs = list(dict.fromkeys(docs))
+    rng.shuffle(docs)
     ev, tr = docs[:n_eval], docs[n_eval:]
     return [{"text": d} for d in tr], [{"text": d} for d in ev]
 
@@ -450,7 +459,8 @@ def corrupt(rng, reply, wrong):
     """A worse reply, each kind checkable: wrong fact/result, rude, garbled, or cut off mid-sentence."""
     en = reply[:1].isascii()
     kinds = ["rude", "garbled", "truncated"] + (["wrong", "wrong"] if wrong else [])
-    kind = rng.choices(kinds, weights=[25, 25, 20] + ([15, 15] if wrong else []))[0]
+    # "wrong" is the subtle kind (same template, wrong value), kept to a minority of pairs
+    kind = rng.choices(kinds, weights=[25, 25, 20] + ([6, 6] if wrong else []))[0]
     if kind == "wrong":
         return wrong
     if kind == "rude":
@@ -681,7 +691,7 @@ def write_manifest(out_dir, args_line):
         f.write(text)
 
 
-def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_max_chars=0, verbose=True, **sizes):
+def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=600_000, pretrain_en_chars=0, verbose=True, **sizes):
     """Write the requested stages' files (all by default) into out_dir; returns {file name: line count}."""
     sz = {**SIZES, **{k: v for k, v in sizes.items() if v is not None}}
     stages = list(FILES) if not stages else stages
@@ -694,7 +704,7 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_max_chars=0, verbo
         out[name] = write_jsonl(os.path.join(out_dir, name), records)
     for stage in stages:
         if stage == "pretrain":
-            tr, ev = build_pretrain(rng(stage), sz["pretrain_eval"], pretrain_max_chars)
+            tr, ev = build_pretrain(rng(stage), sz["pretrain_eval"], pretrain_zh_chars, pretrain_en_chars)
         elif stage == "sft":
             tr, ev = build_sft(rng(stage), sz["sft"], sz["sft_eval"])
         elif stage == "dpo":
@@ -711,7 +721,8 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_max_chars=0, verbo
         if ev is not None:
             emit(FILES[stage][1], ev)
     flags = " ".join([f"--seed {seed}"] + [f"--{k} {sz[k]}" for k in sorted(sz) if sz[k] != SIZES[k]]
-                     + ([f"--pretrain_max_chars {pretrain_max_chars}"] if pretrain_max_chars else [])
+                     + ([f"--pretrain_zh_chars {pretrain_zh_chars}"] if pretrain_zh_chars != 600_000 else [])
+                     + ([f"--pretrain_en_chars {pretrain_en_chars}"] if pretrain_en_chars else [])
                      + ([f"--only {' '.join(stages)}"] if stages != list(FILES) else []))
     write_manifest(out_dir, f"python dataset/build_demo_data.py {flags}")
     if verbose:
@@ -737,14 +748,17 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--only", nargs="+", choices=list(FILES), help="build only these stages")
     p.add_argument("--if_missing", action="store_true", help="do nothing when every file already exists")
-    p.add_argument("--pretrain_max_chars", type=int, default=0, help="cap the pretrain corpus (0 = all, ~1.9M chars)")
+    p.add_argument("--pretrain_zh_chars", type=int, default=600_000,
+                   help="Chinese characters of People's Daily to use (0 = all, ~1.8M)")
+    p.add_argument("--pretrain_en_chars", type=int, default=0, help="English characters to use (0 = all, ~0.2M)")
     for k, v in SIZES.items():
         p.add_argument(f"--{k}", type=int, default=v, help=f"lines (default {v})")
     args = p.parse_args(argv)
     if args.if_missing and not missing_files(args.out_dir):
         print(f"{args.out_dir}: demo data already present")
         return
-    build(args.out_dir, args.seed, args.only, args.pretrain_max_chars, **{k: getattr(args, k) for k in SIZES})
+    build(args.out_dir, args.seed, args.only, args.pretrain_zh_chars, args.pretrain_en_chars,
+          **{k: getattr(args, k) for k in SIZES})
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ def reply(rec):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("demo_a"))
-    B.build(d, pretrain_max_chars=30000, verbose=False, **SMALL)
+    B.build(d, pretrain_zh_chars=20000, pretrain_en_chars=10000, verbose=False, **SMALL)
     return d
 
 
 def test_build_is_byte_identical_twice(small, tmp_path):
-    B.build(str(tmp_path), pretrain_max_chars=30000, verbose=False, **SMALL)
+    B.build(str(tmp_path), pretrain_zh_chars=20000, pretrain_en_chars=10000, verbose=False, **SMALL)
     names = sorted(os.listdir(small))
     assert names == sorted(os.listdir(tmp_path)) and "README.md" in names
     for name in names:
@@ -143,13 +143,13 @@ def test_medical_answers_are_short_and_cautious(small):
 def test_ensure_demo_data_builds_only_when_missing(tmp_path):
     d = str(tmp_path)
     chat_only = dict(SMALL, sft=50, dpo=30, r1=30, lora_identity=20, lora_medical=10)
-    B.ensure_demo_data(d, pretrain_max_chars=5000, verbose=False, **chat_only)
+    B.ensure_demo_data(d, pretrain_zh_chars=4000, pretrain_en_chars=2000, verbose=False, **chat_only)
     assert not B.missing_files(d)
     stamp = os.stat(os.path.join(d, "sft_mini_512.jsonl")).st_mtime_ns
-    B.ensure_demo_data(d, pretrain_max_chars=5000, verbose=False, **chat_only)
+    B.ensure_demo_data(d, pretrain_zh_chars=4000, pretrain_en_chars=2000, verbose=False, **chat_only)
     assert os.stat(os.path.join(d, "sft_mini_512.jsonl")).st_mtime_ns == stamp  # untouched
     os.remove(os.path.join(d, "dpo_eval.jsonl"))
-    B.ensure_demo_data(d, pretrain_max_chars=5000, verbose=False, **chat_only)
+    B.ensure_demo_data(d, pretrain_zh_chars=4000, pretrain_en_chars=2000, verbose=False, **chat_only)
     assert os.path.exists(os.path.join(d, "dpo_eval.jsonl"))
 
 
