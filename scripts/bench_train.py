@@ -1,0 +1,95 @@
+"""Benchmark the real pretraining step: tokens/s, MFU, peak memory and time waiting for data.
+
+    python scripts/bench_train.py                                   # CUDA: 26M, 104M, MoE-145M at seq 512
+    python scripts/bench_train.py --presets 26M --batch_size 128 --compile 1
+    python scripts/bench_train.py --length_mix realistic --packing 0   # vs --packing 1
+    python scripts/bench_train.py --device cpu                      # CPU: a tiny config, a few steps
+
+It writes a synthetic pretrain jsonl, runs train_pretrain.py's own main() (the same code path a user
+runs, not a copy) for --steps optimizer steps, and reads the numbers that the training loop itself logs
+over the last --measure steps (the first steps include warm-up and compilation).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from model.model_minimind import PRESETS  # noqa: E402
+
+CPU_TINY = {"tiny-cpu": dict(hidden_size=128, num_hidden_layers=4)}
+
+
+def synthetic_corpus(path, n_lines, seq_len, length_mix, seed=0):
+    """Text from the shipped tokenizer's own vocabulary. 'full': every line longer than seq_len, so every
+    position is filled; 'realistic': most lines far shorter than seq_len (log-uniform lengths)."""
+    from dataset.lm_dataset import load_tokenizer
+    tok = load_tokenizer(os.path.join(ROOT, "model"))
+    rng = random.Random(seed)
+    vocab = [t for t in range(100, tok.vocab_size)]
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n_lines):
+            n = seq_len + 8 if length_mix == "full" else int(math.exp(rng.uniform(math.log(16), math.log(seq_len))))
+            text = tok.decode(rng.choices(vocab, k=n))
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+
+def run_one(preset_name, args, data_path, out_dir):
+    import train_pretrain
+    cfg = {**PRESETS, **CPU_TINY}[preset_name]
+    argv = ["train_pretrain.py", "--dim", str(cfg["hidden_size"]), "--n_layers", str(cfg["num_hidden_layers"]),
+            "--use_moe", str(int(cfg.get("use_moe", False))), "--data_path", data_path, "--out_dir", out_dir,
+            "--max_seq_len", str(args.seq_len), "--batch_size", str(args.batch_size), "--accumulation_steps", "1",
+            "--max_steps", str(args.steps), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
+            "--device", args.device, "--dtype", args.dtype, "--num_workers", str(args.num_workers),
+            "--learning_rate", "5e-4", "--packing", str(args.packing), "--compile", str(args.compile)]
+    sys.argv = argv
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    train_pretrain.main()
+    with open(os.path.join(out_dir, "logs", f"pretrain_{cfg['hidden_size']}{'_moe' if cfg.get('use_moe') else ''}.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]  # the last --measure steps
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS) if cuda else list(CPU_TINY))
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seq_len", type=int, default=512 if cuda else 128)
+    ap.add_argument("--batch_size", type=int, default=64 if cuda else 8)
+    ap.add_argument("--steps", type=int, default=60 if cuda else 8)
+    ap.add_argument("--measure", type=int, default=30 if cuda else 4, help="steps at the end that are timed")
+    ap.add_argument("--num_workers", type=int, default=4 if cuda else 0)
+    ap.add_argument("--packing", type=int, default=0)
+    ap.add_argument("--compile", type=int, default=0)
+    ap.add_argument("--length_mix", choices=["full", "realistic"], default="full")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench_")
+    data = os.path.join(tmp, "bench.jsonl")
+    synthetic_corpus(data, n_lines=args.batch_size * args.steps * (4 if args.length_mix == "realistic" else 1) + 64,
+                     seq_len=args.seq_len, length_mix=args.length_mix)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    rows = []
+    for name in args.presets:
+        rec = run_one(name, args, data, os.path.join(tmp, name))
+        rows.append((name, rec))
+    print(f"\n{device_name}, {args.dtype}, seq {args.seq_len}, batch {args.batch_size}, packing {args.packing}, "
+          f"compile {args.compile}, length mix {args.length_mix}")
+    print(f"{'preset':<10} {'tokens/s':>12} {'non-pad tok/s':>14} {'MFU':>7} {'peak GiB':>9} {'data wait':>10}")
+    for name, r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "n/a"
+        print(f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['nonpad_tokens_per_s']:>14,.0f} {mfu:>7} {mem:>9} {100 * r['data_wait']:>9.1f}%")
+
+
+if __name__ == "__main__":
+    main()

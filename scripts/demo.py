@@ -1,0 +1,179 @@
+"""Train the whole chain on the bundled demo data and show, on held-out data, that every stage worked.
+
+    python scripts/demo.py                 # CPU: a tiny model, under 10 minutes on 2 cores
+    python scripts/demo.py --out_dir out/demo --device cuda
+
+Runs the real scripts one after another (pretrain -> full SFT -> DPO -> reasoning distillation, and a
+LoRA identity adapter on the DPO model), then evaluates each stage before and after and writes
+{out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+DATA = os.path.join(ROOT, "dataset", "demo")
+ASSISTANT_NAME = ["MiniMind"]
+LORA_NAME = ["小星", "XiaoXing"]
+
+# Tiny model and recipe per device. The CPU recipe is sized for 2 cores and 10 minutes in all.
+RECIPES = {
+    "cpu": dict(model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2"],
+                pretrain=["--max_seq_len", "128", "--batch_size", "16", "--accumulation_steps", "1", "--learning_rate", "2e-3",
+                          "--warmup_iters", "20", "--max_steps", "600", "--packing", "1"],
+                sft=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10",
+                     "--packing", "1"],
+                dpo=["--max_seq_len", "128", "--batch_size", "8", "--learning_rate", "5e-5", "--epochs", "1", "--beta", "0.1"],
+                reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10"],
+                lora=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "5e-3", "--epochs", "5", "--lora_rank", "16",
+                      "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]),
+}
+RECIPES["cuda"] = RECIPES["cpu"]  # same recipe, just faster; the bars are about the recipe, not the device
+
+BARS = [("SFT in-format", "sft_in_format", 0.90, ">="), ("LoRA new name (with adapter)", "lora_with", 0.80, ">="),
+        ("LoRA new name (without adapter)", "lora_without", 0.10, "<="), ("DPO preference accuracy", "dpo_acc", 0.80, ">="),
+        ("Reasoning template", "reason_template", 0.90, ">=")]
+
+
+def stage(script, *flags, log):
+    """Run one training script like a user would, echoing its output."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags]
+    print(f"\n$ {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        print("   ", line.rstrip(), flush=True)
+    if proc.wait() != 0:
+        raise SystemExit(f"{script} failed (exit {proc.returncode})")
+    log[script] = round(time.time() - t0, 1)
+
+
+def ensure_data():
+    """Build dataset/demo/ (deterministic, offline, seconds) unless every file is already there."""
+    subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "build_demo_data.py"), "--out_dir", DATA, "--if_missing"],
+                   cwd=ROOT, check=True)
+
+
+def plot_curves(out_dir, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = ["pretrain", "full_sft", "rlhf", "reason", "lora"]
+    logs = sorted((f for f in os.listdir(os.path.join(out_dir, "logs")) if f.endswith(".jsonl")),
+                  key=lambda f: next((i for i, p in enumerate(order) if f.startswith(p)), len(order)))
+    fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2))
+    for ax, name in zip(axes, logs):
+        with open(os.path.join(out_dir, "logs", name), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set_title(name[:-len(".jsonl")])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out_dir", default="out/demo")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip_training", action="store_true", help="only evaluate checkpoints already in --out_dir")
+    args = ap.parse_args()
+    out = os.path.abspath(args.out_dir)
+    os.makedirs(out, exist_ok=True)
+    recipe = RECIPES["cuda" if args.device.startswith("cuda") else "cpu"]
+    common = [*recipe["model"], "--out_dir", out, "--device", args.device, "--num_workers", "0", "--log_interval", "10",
+              "--save_interval", "100000", "--dtype", "bfloat16"]
+    t_start = time.time()
+    ensure_data()
+    times = {}
+    if not args.skip_training:
+        stage("train_pretrain.py", *common, *recipe["pretrain"], "--data_path", f"{DATA}/pretrain_hq.jsonl", log=times)
+        stage("train_full_sft.py", *common, *recipe["sft"], "--data_path", f"{DATA}/sft_mini_512.jsonl", log=times)
+        stage("train_dpo.py", *common, *recipe["dpo"], "--data_path", f"{DATA}/dpo.jsonl", log=times)
+        stage("train_distill_reason.py", *common, *recipe["reason"], "--data_path", f"{DATA}/r1_mix_1024.jsonl", log=times)
+        stage("train_lora.py", *common, *recipe["lora"], "--lora_name", "lora_identity",
+              "--data_path", f"{DATA}/lora_identity.jsonl", log=times)
+    t_train = time.time() - t_start
+
+    # ---------------------------------------------------------------- evaluation on held-out files
+    from dataset.lm_dataset import load_tokenizer
+    from model.model_lora import load_lora
+    from model.model_minimind import MiniMindForCausalLM
+    from scripts import demo_eval as ev
+    from trainer_utils import load_weights
+    print("\nevaluating on held-out data ...", flush=True)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    tok = load_tokenizer(os.path.join(ROOT, "model"))
+    dim = recipe["model"][1]
+    load = lambda prefix: load_weights(os.path.join(out, f"{prefix}_{dim}.pth")).to(device).eval()
+    pre, sft, rlhf, reason = load("pretrain"), load("full_sft"), load("rlhf"), load("reason")
+    untrained = MiniMindForCausalLM(pre.config).to(device).eval()
+    r = {}
+    r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
+    r["pre_after"] = ev.pretrain_metrics(pre, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
+    r["sft_before"] = ev.chat_metrics(pre, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
+    r["sft_after"] = ev.chat_metrics(sft, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
+    r["dpo_before"] = ev.preference_metrics(sft, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
+    r["dpo_after"] = ev.preference_metrics(rlhf, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
+    r["reason_before"] = ev.reasoning_metrics(rlhf, tok, f"{DATA}/r1_eval.jsonl", device)
+    r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device)
+    r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
+    r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    load_lora(rlhf, os.path.join(out, "lora", f"lora_identity_{dim}.pth"))
+    r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
+    r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
+            "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"]}
+
+    # ---------------------------------------------------------------- report
+    pct = lambda x: f"{100 * x:.1f}%"
+    lines = ["# MiniMind demo report", "",
+             f"Model: {' '.join(recipe['model'])} ({sum(p.numel() for p in pre.parameters()) / 1e6:.2f}M parameters), "
+             f"device {args.device}, training {t_train / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min.",
+             "All numbers are measured now on held-out files under dataset/demo/*_eval.jsonl, never seen in training.", "",
+             "| stage | metric | before | after |", "| --- | --- | --- | --- |",
+             f"| pretrain | held-out loss (perplexity), vs untrained | {r['pre_before']['loss']:.3f} ({r['pre_before']['ppl']:.0f}) | "
+             f"{r['pre_after']['loss']:.3f} ({r['pre_after']['ppl']:.1f}) |",
+             f"| full SFT | replies closed by `<\\|im_end\\|>` ({r['sft_after']['n']} prompts), vs pretrain | {pct(r['sft_before']['in_format'])} | {pct(r['sft_after']['in_format'])} |",
+             f"| full SFT | identity questions answered as MiniMind ({r['sft_after']['n_identity']}) | {pct(r['sft_before']['identity_named'])} | {pct(r['sft_after']['identity_named'])} |",
+             f"| DPO | preference accuracy, implicit reward ({r['dpo_after']['n']} pairs; ties count half) | {pct(r['dpo_before']['accuracy'])} | {pct(r['dpo_after']['accuracy'])} |",
+             f"| DPO | mean reward margin | {r['dpo_before']['margin']:.4f} | {r['dpo_after']['margin']:.4f} |",
+             f"| reasoning | replies in `<think>`/`<answer>` template ({r['reason_after']['n']}), vs DPO model | {pct(r['reason_before']['template'])} | {pct(r['reason_after']['template'])} |",
+             f"| reasoning | right answer | {pct(r['reason_before']['correct'])} | {pct(r['reason_after']['correct'])} |",
+             f"| LoRA identity | answers with the new name 小星, without / with adapter | {pct(r['lora_without'])} | {pct(r['lora_with'])} |",
+             f"| LoRA identity | held-out SFT loss (general ability kept), without / with adapter | {r['sft_loss_base']:.3f} | {r['sft_loss_lora']:.3f} |",
+             "", "## Bars", ""]
+    ok = True
+    for label, key, bar, op in BARS:
+        passed = flat[key] >= bar if op == ">=" else flat[key] <= bar
+        ok &= passed
+        lines.append(f"- {'PASS' if passed else 'FAIL'} {label}: {pct(flat[key])} (bar {op} {pct(bar)})")
+    lines += ["", "## Samples", ""]
+    for q, a in r["sft_after"]["samples"]:
+        lines.append(f"- SFT 👶 {q!r} 🤖 {a!r}")
+    for q, a in r["reason_after"]["samples"]:
+        lines.append(f"- reasoning 👶 {q!r} 🤖 {a!r}")
+    for p, (a, _) in zip(lora_prompts, lora_samples):
+        lines.append(f"- LoRA 👶 {p[-1]['content']!r} 🤖 {a!r}")
+    lines += ["", f"Stage times (s): {json.dumps(times)}", "", "![loss curves](loss_curves.png)", ""]
+    report = "\n".join(lines)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report)
+    plot_curves(out, os.path.join(out, "loss_curves.png"))
+    print("\n" + report)
+    print(f"report: {os.path.join(out, 'report.md')}, curves: {os.path.join(out, 'loss_curves.png')}")
+    if not ok:
+        raise SystemExit("a stage missed its bar (see above)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Held-out evaluation for the demo: one metric per stage that shows the stage did its job.
+
+Every number comes from running the models on the held-out *_eval.jsonl files at run time.
+"""
+import json
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from dataset.lm_dataset import PretrainDataset, SFTDataset, make_collate
+
+REASON_TEMPLATE = re.compile(r"^<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>$", re.S)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@torch.no_grad()
+def mean_loss(model, dataset, device, batch_size=16):
+    """Token-weighted mean next-token loss over a dataset's labelled tokens."""
+    model.eval()
+    collate = make_collate(0)
+    total, count = 0.0, 0
+    for i in range(0, len(dataset), batch_size):
+        ids, labels = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        ids, labels = ids.to(device), labels.to(device)
+        logits = model(ids).logits
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((targets != -100).sum())
+    return total / max(count, 1)
+
+
+def pretrain_metrics(model, tokenizer, eval_path, max_len, device):
+    loss = mean_loss(model, PretrainDataset(eval_path, tokenizer, max_length=max_len), device)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+
+
+def sft_loss(model, tokenizer, eval_path, max_len, device):
+    return mean_loss(model, SFTDataset(eval_path, tokenizer, max_length=max_len), device)
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch_size=32):
+    """Greedy replies to chat prompts (lists of messages). Returns (text, closed_by_eos) per prompt."""
+    model.eval()
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
+        enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(e) for e in enc)
+        ids = torch.zeros(len(enc), width, dtype=torch.long)
+        mask = torch.zeros(len(enc), width, dtype=torch.long)
+        for r, e in enumerate(enc):  # left padding, so every row continues at the right edge
+            ids[r, width - len(e):] = torch.tensor(e)
+            mask[r, width - len(e):] = 1
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, width:].tolist():
+            closed = tokenizer.eos_token_id in row
+            row = row[:row.index(tokenizer.eos_token_id)] if closed else row
+            results.append((tokenizer.decode(row, skip_special_tokens=False).replace(tokenizer.pad_token, ""), closed))
+    return results
+
+
+def split_prompt(conversation):
+    """Everything before the last assistant turn is the prompt; that turn is the reference answer."""
+    msgs = conversation["conversations"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return msgs[:last], msgs[last]["content"]
+
+
+def chat_metrics(model, tokenizer, eval_path, device, name_patterns, limit=None):
+    """Share of held-out prompts answered in format (closed by <|im_end|>), and share of identity
+    questions (reference answer mentions the name) answered with the name."""
+    rows = read_jsonl(eval_path)[:limit]
+    prompts, refs = zip(*(split_prompt(r) for r in rows))
+    replies = generate_replies(model, tokenizer, list(prompts), device)
+    in_format = sum(closed for _, closed in replies) / len(replies)
+    name_re = re.compile("|".join(name_patterns), re.I)
+    identity = [i for i, ref in enumerate(refs) if name_re.search(ref)]
+    named = sum(bool(name_re.search(replies[i][0])) for i in identity) / max(len(identity), 1)
+    samples = [(prompts[i][-1]["content"], replies[i][0]) for i in range(min(3, len(replies)))]
+    return {"in_format": in_format, "identity_named": named, "n": len(replies), "n_identity": len(identity),
+            "samples": samples}
+
+
+def identity_share(model, tokenizer, eval_path, device, name_patterns):
+    rows = read_jsonl(eval_path)
+    prompts = [split_prompt(r)[0] for r in rows]
+    replies = generate_replies(model, tokenizer, prompts, device)
+    name_re = re.compile("|".join(name_patterns), re.I)
+    return sum(bool(name_re.search(text)) for text, _ in replies) / len(replies), replies[:3], prompts[:3]
+
+
+@torch.no_grad()
+def preference_metrics(policy, reference, tokenizer, eval_path, max_len, device, beta=0.1):
+    """Implicit-reward preference accuracy on held-out pairs: beta * (log pi - log ref) of the chosen reply
+    above the rejected one (a tie counts half, so policy == reference scores 50%), and the mean margin."""
+    from dataset.lm_dataset import DPODataset
+    from train_dpo import sequence_logprobs
+    policy.eval()
+    reference.eval()
+    ds = DPODataset(eval_path, tokenizer, max_length=max_len)
+    collate = make_collate(0)
+    wins, margins = 0.0, []
+    for i in range(0, len(ds), 16):
+        b = collate([ds[j] for j in range(i, min(i + 16, len(ds)))])
+        ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]]).to(device)
+        labels = torch.cat([b["chosen_labels"], b["rejected_labels"]]).to(device)
+        n = b["chosen_input_ids"].shape[0]
+        pi, _ = sequence_logprobs(policy, ids, labels)
+        ref, _ = sequence_logprobs(reference, ids, labels)
+        reward = beta * (pi - ref)
+        margin = reward[:n] - reward[n:]
+        wins += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
+        margins += margin.tolist()
+    return {"accuracy": wins / len(ds), "margin": sum(margins) / len(margins), "n": len(ds)}
+
+
+def reasoning_metrics(model, tokenizer, eval_path, device):
+    """Share of held-out replies in the <think>...</think><answer>...</answer> template, and with the right answer."""
+    rows = read_jsonl(eval_path)
+    prompts, refs = zip(*(split_prompt(r) for r in rows))
+    replies = generate_replies(model, tokenizer, list(prompts), device, max_new_tokens=128)
+    in_template, right = 0, 0
+    for (text, closed), ref in zip(replies, refs):
+        m = REASON_TEMPLATE.match(text.strip()) if closed else None
+        in_template += bool(m)
+        want = REASON_TEMPLATE.match(ref.strip())
+        right += bool(m and want and m.group(2).strip() == want.group(2).strip())
+    return {"template": in_template / len(rows), "correct": right / len(rows), "n": len(rows),
+            "samples": [(prompts[i][-1]["content"], replies[i][0]) for i in range(min(2, len(rows)))]}
