@@ -486,12 +486,13 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
 
 
-def causal_lm_loss(logits, labels, reduction="mean"):
-    """Next-token cross-entropy in fp32, ignoring -100. Shifts the labels, not the logits, so the large
-    logits tensor is not copied."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=-100, reduction=reduction)
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy in fp32 over the labelled tokens (-100: none). Shifts the labels, not
+    the logits, so the large logits tensor is not copied. A batch without any label (a long prompt cut by
+    max_seq_len) gives 0, not NaN."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 def sample_next_token(logits, seen_ids, temperature=0.85, top_p=0.85, top_k=0, repetition_penalty=1.0, generator=None):

@@ -27,7 +27,7 @@ LORA_NAME = ["小星", "XiaoXing"]
 RECIPES = {
     "cpu": dict(model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2"],
                 pretrain=["--max_seq_len", "128", "--batch_size", "16", "--accumulation_steps", "1", "--learning_rate", "2e-3",
-                          "--warmup_iters", "20", "--max_steps", "600", "--packing", "1"],
+                          "--warmup_iters", "20", "--epochs", "1", "--packing", "1"],
                 sft=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10",
                      "--packing", "1"],
                 dpo=["--max_seq_len", "128", "--batch_size", "8", "--learning_rate", "5e-5", "--epochs", "1", "--beta", "0.1"],

@@ -301,3 +301,15 @@ def test_stream_text_never_breaks_multibyte_characters():
     pieces = list(stream_text(ByteTokenizer(), list(text.encode("utf-8"))))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_loss_is_mean_over_labelled_tokens_and_zero_without_labels():
+    model = tiny()
+    x = torch.randint(3, 300, (2, 8))
+    labels = x.clone()
+    labels[:, :5] = -100
+    logits = model(x).logits
+    manual = F.cross_entropy(logits[:, 4:-1].reshape(-1, 300), x[:, 5:].reshape(-1))
+    assert torch.allclose(model(x, labels=labels).loss, manual, atol=1e-6)
+    empty = model(x, labels=torch.full_like(x, -100)).loss  # e.g. a prompt longer than max_seq_len
+    assert empty.item() == 0.0
