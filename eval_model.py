@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from model.model_minimind import stream_text  # importing it also registers "minimind" with AutoModelForCausalLM
+from dataset.lm_dataset import load_tokenizer
+from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import LoRAError, load_lora
 from trainer_utils import STAGE_SCRIPTS, UserError, add_bool, load_weights, run_main, weight_path
 
@@ -118,13 +119,6 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------
 # Model and tokenizer
 # ----------------------------------------------------------------------------------------------------
-def load_tokenizer(path):
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise UserError(f"{os.path.join(path, 'tokenizer.json')} not found: run train_tokenizer.py first or pass --tokenizer_path")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def load_model(args):
     """-> (model, tokenizer, a line saying what was loaded)."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -157,11 +151,11 @@ def load_model(args):
         try:
             load_lora(model, lora_path)  # the base weights in memory get adapters; no file is written
         except LoRAError:
-            raise
+            raise  # already one clear line
         except Exception as e:  # a truncated or foreign file
             raise UserError(f"{lora_path}: cannot read LoRA weights ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})") from None
         what += f" + {lora_path}"
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_params = count_parameters(model)
     return model.float().eval().to(args.device), tokenizer, f"{what} ({n_params / 1e6:.2f}M parameters, {args.device})"
 
 
