@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -373,7 +374,7 @@ class Logger:
             import wandb  # optional: only needed with --use_wandb
             if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
                 os.environ["WANDB_MODE"] = "offline"
-            run_id = run_state.get("wandb_id") or wandb.util.generate_id()
+            run_id = run_state.get("wandb_id") or uuid.uuid4().hex[:12]
             run_state["wandb_id"] = run_id
             self.wandb = wandb.init(project=args.wandb_project, id=run_id, resume="allow", dir=args.out_dir,
                                     name=f"{stage}-{args.dim}", config=vars(args))

@@ -337,3 +337,15 @@ def test_packing_flag_trains(data, tmp_path):
     run("train_pretrain.py", *TINY_FLAGS, "--packing", "1", "--out_dir", out, "--max_seq_len", "64", "--batch_size", "8",
         "--accumulation_steps", "1", "--data_path", data["pretrain"], "--max_steps", "3")
     assert len(read_log(out, "pretrain_64.jsonl")) == 3
+
+
+def test_wandb_offline_without_key_and_resume_keeps_the_run(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "out"
+    common = [*TINY_FLAGS, "--out_dir", str(out), "--max_seq_len", "32", "--batch_size", "4", "--accumulation_steps", "1",
+              "--data_path", data["pretrain"], "--max_steps", "4", "--use_wandb", "1"]
+    run("train_pretrain.py", *common, "--stop_at_step", "2")
+    run("train_pretrain.py", *common, "--resume", "1")
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]  # one wandb run id, offline
