@@ -382,7 +382,11 @@ class Logger:
     def log(self, record):
         if not self.ctx.is_master:
             return
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "eta_s"]
+        def fmt(v):
+            if isinstance(v, float):
+                return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+            return str(v)
+        parts = [f"{k} {fmt(v)}" for k, v in record.items() if k != "eta_s"]
         eta = record.get("eta_s")
         if eta is not None:
             parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")

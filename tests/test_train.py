@@ -349,3 +349,15 @@ def test_wandb_offline_without_key_and_resume_keeps_the_run(data, tmp_path, monk
     run("train_pretrain.py", *common, "--resume", "1")
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]  # one wandb run id, offline
+
+
+def test_speedups_do_not_change_the_math(data, tmp_path):
+    """torch.compile (inductor, here on the CPU) and packing give the eager, padded run's losses."""
+    common = [*TINY_FLAGS, "--max_seq_len", "48", "--batch_size", "8", "--accumulation_steps", "1",
+              "--data_path", data["pretrain"], "--max_steps", "6", "--learning_rate", "1e-3"]
+    run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "eager"))
+    run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "fast"), "--compile", "1", "--packing", "1")
+    eager, fast = read_log(tmp_path / "eager", "pretrain_64.jsonl"), read_log(tmp_path / "fast", "pretrain_64.jsonl")
+    assert len(eager) == len(fast) == 6
+    for a, b in zip(eager, fast):
+        assert abs(a["loss"] - b["loss"]) < 0.01 * a["loss"], (a, b)
