@@ -432,11 +432,22 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
 
-    state = {"epoch": 0, "step": 0, "resumed": False}
+    # What fixes the data order and the schedule: a resume with other values would not continue the same run.
+    run_shape = {"batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps, "world_size": ctx.world,
+                 "total_steps": total_steps, "seed": args.seed, "samples": len(dataset)}
+    state = {"epoch": 0, "step": 0, "resumed": False, "run_shape": run_shape}
     rpath = resume_path(args)
     if args.resume:
         if os.path.exists(rpath):
-            ck = torch.load(rpath, map_location="cpu", weights_only=True)
+            try:
+                ck = torch.load(rpath, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"{rpath}: cannot read the resume file ({type(e).__name__}); delete it to start fresh") from None
+            saved_shape = ck["state"].get("run_shape", run_shape)
+            if saved_shape != run_shape:
+                diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in run_shape.items() if saved_shape.get(k) != v)
+                raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
+                                f"data and number of processes, or delete it to start fresh")
             unwrap(model).load_state_dict(ck["model"], strict=True)
             optimizer.load_state_dict(ck["optimizer"])
             ctx.scaler.load_state_dict(ck["scaler"])
@@ -458,7 +469,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     peak = device_peak_flops(ctx.device)
     fpt = flops_per_token(unwrap(model).config, args.max_seq_len)
 
-    def save(final=False):
+    def save():
         rng = [rng_state()]
         if ctx.ddp:  # every rank's RNG, so a resumed run continues each rank's stream
             rng = [None] * ctx.world
@@ -561,7 +572,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 break
         if stopped_early:
             break
-    save(final=True)
+    save()
     logger.finish()
     if stopped_early:
         ctx.print(f"stopped at step {state['step']} of {total_steps} (--stop_at_step); continue with --resume 1")

@@ -361,3 +361,11 @@ def test_speedups_do_not_change_the_math(data, tmp_path):
     assert len(eager) == len(fast) == 6
     for a, b in zip(eager, fast):
         assert abs(a["loss"] - b["loss"]) < 0.01 * a["loss"], (a, b)
+
+
+def test_resume_with_other_settings_is_one_clear_error(data, tmp_path):
+    common = [*TINY_FLAGS, "--max_seq_len", "32", "--accumulation_steps", "1", "--data_path", data["pretrain"],
+              "--max_steps", "4", "--out_dir", str(tmp_path)]
+    run("train_pretrain.py", *common, "--batch_size", "4", "--stop_at_step", "2")
+    proc = run("train_pretrain.py", *common, "--batch_size", "8", "--resume", "1", check=False)
+    assert_one_line_error(proc, "batch_size 4 -> 8")
