@@ -3,6 +3,7 @@
     python train_dpo.py --data_path dataset/dpo.jsonl
 The policy and a frozen reference both start from out/full_sft_{dim}.pth; writes out/rlhf_{dim}[_moe].pth.
 """
+import copy
 import functools
 
 import torch
@@ -58,7 +59,7 @@ def main():
     tokenizer = load_tokenizer(args.tokenizer_path)
     dataset = DPODataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     model = load_from_weight(args)
-    reference = load_from_weight(args).to(ctx.device).eval().requires_grad_(False)
+    reference = copy.deepcopy(model).to(ctx.device).eval().requires_grad_(False)  # frozen copy of the start
 
     loss_fn = functools.partial(dpo_batch_loss, reference=reference, beta=args.beta, reduction=args.logp_reduction)
     train(args, ctx, model, dataset, make_collate(tokenizer.pad_token_id), loss_fn, stage="dpo")
