@@ -22,9 +22,9 @@ import torch
 from dataset.lm_dataset import load_tokenizer
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import LoRAError, load_lora
-from trainer_utils import STAGE_SCRIPTS, UserError, add_bool, load_weights, run_main, weight_path
+from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, load_weights, lora_weight_path, run_main,
+                           weight_path)
 
-MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}
 USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
 DIM, RESET = "\033[2m", "\033[0m"  # the <think> part of a reply is dimmed on a terminal
 
@@ -74,7 +74,7 @@ LORA_PROMPTS = {
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("which model")
-    g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODES),
+    g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODEL_MODES),
                    help="0: pretrain, 1: full_sft, 2: rlhf (DPO), 3: reason; loads {out_dir}/{prefix}_{dim}[_moe].pth (default 1)")
     g.add_argument("--lora_name", default=None,
                    help="apply {out_dir}/lora/{NAME}_{dim}.pth (made by train_lora.py --lora_name NAME) on the model; "
@@ -124,7 +124,7 @@ def load_model(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
     if args.load == 0:
-        prefix = MODES[args.model_mode]
+        prefix = MODEL_MODES[args.model_mode]
         path = weight_path(args.out_dir, prefix, args.dim, args.use_moe)
         if not os.path.exists(path):
             raise UserError(f"{path} not found: run {STAGE_SCRIPTS[prefix]} first "
@@ -145,7 +145,7 @@ def load_model(args):
         tokenizer = load_tokenizer(args.model_path if has_own else args.tokenizer_path)
         what, dim = args.model_path, model.config.hidden_size
     if args.lora_name:
-        lora_path = os.path.join(args.out_dir, "lora", f"{args.lora_name}_{dim}.pth")
+        lora_path = lora_weight_path(args.out_dir, args.lora_name, dim)
         if not os.path.exists(lora_path):
             raise UserError(f"{lora_path} not found: run train_lora.py --lora_name {args.lora_name} first")
         try:

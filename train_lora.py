@@ -9,7 +9,7 @@ import os
 
 from dataset.lm_dataset import SFTDataset, load_tokenizer, make_collate
 from model.model_lora import DEFAULT_TARGETS, apply_lora, mark_only_lora_trainable, save_lora
-from trainer_utils import Context, build_parser, load_from_weight, run_main, train
+from trainer_utils import Context, build_parser, load_from_weight, lora_weight_path, run_main, train
 
 
 def loss_fn(model, batch):
@@ -35,7 +35,7 @@ def main():
     apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.lora_targets.split(",")))
     params = mark_only_lora_trainable(model)  # the base stays frozen, bit for bit
 
-    lora_path = os.path.join(args.out_dir, "lora", f"{args.lora_name}_{args.dim}.pth")
+    lora_path = lora_weight_path(args.out_dir, args.lora_name, args.dim)
 
     def save_adapter(m):
         os.makedirs(os.path.dirname(lora_path), exist_ok=True)

@@ -18,6 +18,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_para
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
                  "reason": "train_distill_reason.py"}
+MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 
 class UserError(Exception):
@@ -191,6 +192,10 @@ def get_lr(step, total_steps, lr, warmup):
 # ----------------------------------------------------------------------------------------------------
 def weight_path(out_dir, prefix, dim, use_moe):
     return os.path.join(out_dir, f"{prefix}_{dim}{'_moe' if use_moe else ''}.pth")
+
+
+def lora_weight_path(out_dir, lora_name, dim):
+    return os.path.join(out_dir, "lora", f"{lora_name}_{dim}.pth")
 
 
 def atomic_torch_save(obj, path):

@@ -28,9 +28,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import STAGE_SCRIPTS, UserError, add_bool, load_weights, run_main, save_weights, weight_path  # noqa: E402
+from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, load_weights, lora_weight_path,  # noqa: E402
+                           run_main, save_weights, weight_path)
 
-MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}
 MODEL_FILE = os.path.join(ROOT, "model", "model_minimind.py")
 GENERATION_DEFAULTS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.85, top_p=0.85)
 
@@ -43,7 +43,7 @@ def add_model_args(p, weight_help):
     g = p.add_argument_group("native checkpoint")
     g.add_argument("--weight", default=None, help=weight_help)
     g.add_argument("--out_dir", default="out", help="folder with the stage weight files")
-    g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODES),
+    g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODEL_MODES),
                    help="0 pretrain, 1 full_sft, 2 rlhf, 3 reason: picks {out_dir}/{stage}_{dim}[_moe].pth")
     g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512, help="hidden size")
     g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8,
@@ -61,7 +61,7 @@ def native_weight_path(args):
     """(path, the script that makes it) for --weight or --model_mode/--out_dir/--dim/--use_moe."""
     if args.weight:
         return args.weight, None
-    stage = MODES[args.model_mode]
+    stage = MODEL_MODES[args.model_mode]
     return weight_path(args.out_dir, stage, args.dim, args.use_moe), STAGE_SCRIPTS[stage]
 
 
@@ -69,7 +69,7 @@ def lora_file(args, dim):
     if args.lora_path:
         return args.lora_path
     if args.lora_name and args.lora_name != "None":  # MiniMind passes the string "None" for no adapter
-        return os.path.join(args.out_dir, "lora", f"{args.lora_name}_{dim}.pth")
+        return lora_weight_path(args.out_dir, args.lora_name, dim)
     return None
 
 
@@ -278,7 +278,7 @@ def main(argv=None):
         if args.weight:
             out = args.weight
         else:
-            out = weight_path(args.out_dir, MODES[args.model_mode], model.config.hidden_size, model.config.use_moe)
+            out = weight_path(args.out_dir, MODEL_MODES[args.model_mode], model.config.hidden_size, model.config.use_moe)
         if not out.endswith(".pth"):
             raise UserError(f"--weight {out}: a native weight file name must end in .pth")
         if os.path.exists(out) and not args.overwrite:

@@ -108,7 +108,7 @@ def main():
     from model.model_lora import load_lora
     from model.model_minimind import MiniMindForCausalLM
     from scripts import demo_eval as ev
-    from trainer_utils import load_weights
+    from trainer_utils import load_weights, lora_weight_path
     print("\nevaluating on held-out data ...", flush=True)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -128,7 +128,7 @@ def main():
     r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device)
     r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
-    load_lora(rlhf, os.path.join(out, "lora", f"lora_identity_{dim}.pth"))
+    load_lora(rlhf, lora_weight_path(out, "lora_identity", dim))
     r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
