@@ -2,6 +2,7 @@
 the training loop. Each train_*.py keeps its own idea (data and loss) and imports the rest from here."""
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_parameters
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
-                 "reason": "train_distill_reason.py"}
+                 "reason": "train_distill_reason.py", "grpo": "train_grpo.py", "ppo": "train_ppo.py"}
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 
@@ -73,7 +74,7 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
     if from_weight is not None:
         g.add_argument("--from_weight", default=from_weight,
-                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason) or a .pth path")
+                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason, grpo, ...) or a .pth path")
     g.add_argument("--save_weight", default=out_weight, help="prefix of the weight file this stage writes")
 
     g = p.add_argument_group("data")
@@ -277,9 +278,14 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
     return model
 
 
+def is_weight_path(name):
+    """A weight file is named by its path (ends in .pth or has a folder) or by its stage prefix (grpo, reason, ...)."""
+    return name.endswith(".pth") or os.sep in name
+
+
 def resolve_weight(args, name):
-    """--from_weight is a stage prefix in --out_dir or a path. Returns (path, script that makes it)."""
-    if name.endswith(".pth") or os.sep in name:
+    """A stage prefix in --out_dir (sized by --dim/--use_moe) or a path -> (path, the script that makes it)."""
+    if is_weight_path(name):
         return name, None
     return weight_path(args.out_dir, name, args.dim, args.use_moe), STAGE_SCRIPTS.get(name)
 
@@ -327,10 +333,31 @@ def make_loader(dataset, args, ctx, collate_fn):
         raise UserError(f"{args.data_path}: {len(dataset)} samples is fewer than one batch "
                         f"({ctx.world} process(es) x --batch_size {args.batch_size}); lower --batch_size")
     sampler = ResumableSampler(dataset, ctx, args.seed)
+    # The loader's own generator seeds its workers, so starting an epoch does not draw from the global RNG
+    # (RL samples replies from it; a resumed run must continue the same stream).
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, collate_fn=collate_fn,
-                                         pin_memory=ctx.cuda, persistent_workers=False)
+                                         pin_memory=ctx.cuda, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(args.seed))
     return loader, sampler
+
+
+def epoch_iterator(loader, sampler, state, steps_per_epoch, args):
+    """Batches of the epoch the run is in, starting at its next optimizer step (mid-epoch after a resume)."""
+    done_in_epoch = state["step"] - state["epoch"] * steps_per_epoch
+    sampler.set_epoch(state["epoch"], skip=done_in_epoch * args.accumulation_steps * args.batch_size)
+    return iter(loader)
+
+
+def step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
+    """For each optimizer step left in the run, the list of its --accumulation_steps batches. The caller
+    counts state["step"]; the epoch (and, after a resume, the place in it) is kept here."""
+    while state["step"] < total_steps:
+        state["epoch"] = state["step"] // steps_per_epoch
+        done_in_epoch = state["step"] - state["epoch"] * steps_per_epoch
+        it = epoch_iterator(loader, sampler, state, steps_per_epoch, args)
+        for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state["step"])):
+            yield [next(it) for _ in range(args.accumulation_steps)]
 
 
 def to_device(batch, device):
@@ -406,6 +433,42 @@ class Logger:
             self.wandb.finish()
 
 
+def after_step(args, ctx, state, total_steps, parts, logger, record_fn, started):
+    """What a loop does after its step counter moved: log record_fn() every --log_interval steps and at the
+    end (with an ETA from started = (time, step) at the loop's start), save every --save_interval steps.
+    Returns True when --stop_at_step says to stop here."""
+    step = state["step"]
+    if step % args.log_interval == 0 or step == total_steps:
+        rate = (step - started[1]) / max(time.time() - started[0], 1e-9)
+        logger.log({"step": step, "epoch": state["epoch"] + 1, **record_fn(),
+                    "eta_s": round((total_steps - step) / max(rate, 1e-9), 1)})
+    if step % args.save_interval == 0 and step != total_steps:
+        save_checkpoint(args, ctx, state, parts)
+    return bool(args.stop_at_step and step >= args.stop_at_step and step != total_steps)
+
+
+class RunningMeans:
+    """Sums of the numbers logged between two log lines; `read` averages each over the times it was added
+    and over the ranks."""
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics):
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.sums[k] = self.sums.get(k, 0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def read(self, ctx):
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        means = torch.stack([torch.as_tensor(self.sums[k], device=ctx.device).float() / self.counts[k] for k in keys])
+        means = ctx.all_reduce_mean(means).tolist()  # one sync for all of them
+        self.sums, self.counts = {}, {}
+        return {k: round(v, 6) for k, v in zip(keys, means)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The training loop. `loss_fn(model, batch) -> (loss, metrics dict of scalar tensors)` is the stage's
 # own idea, defined in its script; everything else happens here.
@@ -414,21 +477,15 @@ def resume_path(args):
     return weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)[:-len(".pth")] + "_resume.pth"
 
 
-def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_params=None, save_fn=None):
-    """Run every epoch: accumulation with no_sync, clipping, LR schedule, non-finite skip, logging,
-    periodic and final saves, resume. save_fn(model) writes the stage's weight file and returns its path."""
-    check_out_dir(args.out_dir)
-    out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
+def save_stage_weights(args, model):
+    """Write the stage's weight file {out_dir}/{save_weight}_{dim}[_moe].pth (+ .json); returns its path."""
+    path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
+    save_weights(model, path, args.save_dtype)
+    return path
 
-    def save_stage_weights(m):
-        save_weights(m, out_path, args.save_dtype)
-        return out_path
-    save_fn = save_fn or save_stage_weights
-    model.to(ctx.device)
-    params = trainable_params if trainable_params is not None else [p for p in model.parameters() if p.requires_grad]
-    fused = ctx.cuda  # fused AdamW: one kernel for all parameters on CUDA
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
-    loader, sampler = make_loader(dataset, args, ctx, collate_fn)
+
+def count_steps(loader, args):
+    """(optimizer steps per epoch, optimizer steps in the run) from --epochs, --accumulation_steps, --max_steps."""
     steps_per_epoch = len(loader) // args.accumulation_steps
     if steps_per_epoch == 0:
         raise UserError(f"{args.data_path}: {len(loader)} batches per epoch is fewer than --accumulation_steps "
@@ -436,35 +493,143 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)
+    return steps_per_epoch, total_steps
 
-    # What fixes the data order and the schedule: a resume with other values would not continue the same run.
+
+def new_run_state(args, ctx, total_steps, n_samples, **shape):
+    """The loop state a resume file carries. run_shape is what fixes the data order and the schedule (plus
+    any stage-specific `shape`): a resume with other values would not continue the same run."""
     run_shape = {"batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps, "world_size": ctx.world,
-                 "total_steps": total_steps, "seed": args.seed, "samples": len(dataset)}
-    state = {"epoch": 0, "step": 0, "resumed": False, "run_shape": run_shape}
-    rpath = resume_path(args)
-    if args.resume:
-        if os.path.exists(rpath):
-            try:
-                ck = torch.load(rpath, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise UserError(f"{rpath}: cannot read the resume file ({type(e).__name__}); delete it to start fresh") from None
-            saved_shape = ck["state"].get("run_shape", run_shape)
-            if saved_shape != run_shape:
-                diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in run_shape.items() if saved_shape.get(k) != v)
-                raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
-                                f"data and number of processes, or delete it to start fresh")
-            unwrap(model).load_state_dict(ck["model"], strict=True)
-            optimizer.load_state_dict(ck["optimizer"])
-            ctx.scaler.load_state_dict(ck["scaler"])
-            state.update(ck["state"], resumed=True)
-            restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
-            ctx.print(f"resumed from {rpath} at optimizer step {state['step']}")
-        else:
-            ctx.print(f"no resume file at {rpath}; starting fresh")
+                 "total_steps": total_steps, "seed": args.seed, "samples": n_samples, **shape}
+    return {"epoch": 0, "step": 0, "resumed": False, "run_shape": run_shape}
 
-    ddp_model = model
+
+def wrap_ddp(model, ctx):
+    if not ctx.ddp:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+
+
+def make_optimizer(params, args, ctx):
+    # fused AdamW: one kernel for all parameters on CUDA
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=ctx.cuda)
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def load_resume(args, ctx, state, parts):
+    """--resume: restore `parts` (name in the file -> module or optimizer), the GradScaler, the loop state and
+    this rank's RNG from the resume file. state["run_shape"] must equal the saved one."""
+    rpath = resume_path(args)
+    if not args.resume:
+        return
+    if not os.path.exists(rpath):
+        ctx.print(f"no resume file at {rpath}; starting fresh")
+        return
+    try:
+        ck = torch.load(rpath, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{rpath}: cannot read the resume file ({type(e).__name__}); delete it to start fresh") from None
+    run_shape = state["run_shape"]
+    saved_shape = ck["state"].get("run_shape", run_shape)
+    if saved_shape != run_shape:
+        diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in run_shape.items() if saved_shape.get(k) != v)
+        raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
+                        f"data and number of processes, or delete it to start fresh")
+    missing = [name for name in parts if name not in ck]
+    if missing:
+        raise UserError(f"{rpath} holds no {', '.join(missing)}: it was written by another script; delete it to start fresh")
+    for name, obj in parts.items():
+        unwrap(obj).load_state_dict(ck[name])  # modules load strictly
+    ctx.scaler.load_state_dict(ck["scaler"])
+    state.update(ck["state"], resumed=True)
+    restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
+    ctx.print(f"resumed from {rpath} at optimizer step {state['step']}")
+
+
+def save_checkpoint(args, ctx, state, parts, save_fn=None):
+    """The stage's weight file (save_fn(model) writes it and returns its path; default save_stage_weights)
+    and the resume file: `parts`, GradScaler, loop state and every rank's RNG, so a resumed run continues
+    each rank's stream."""
+    save_fn = save_fn or functools.partial(save_stage_weights, args)
+    rng = [rng_state()]
     if ctx.ddp:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+        rng = [None] * ctx.world
+        dist.all_gather_object(rng, rng_state())
+    if ctx.is_master:
+        state["saved"] = save_fn(unwrap(parts["model"]))
+        ck = {name: ({k: v.detach().cpu() for k, v in unwrap(obj).state_dict().items()} if isinstance(obj, torch.nn.Module)
+                     else obj.state_dict()) for name, obj in parts.items()}
+        ck.update(scaler=ctx.scaler.state_dict(), state={k: v for k, v in state.items() if k != "resumed"}, rng=rng)
+        atomic_torch_save(ck, resume_path(args))
+    if ctx.ddp:
+        dist.barrier()
+
+
+def end_run(args, ctx, state, total_steps, parts, logger, stopped_early, save_fn=None):
+    """The final save (also when --stop_at_step stopped the run early) and the closing line."""
+    save_checkpoint(args, ctx, state, parts, save_fn)
+    logger.finish()
+    if stopped_early:
+        ctx.print(f"stopped at step {state['step']} of {total_steps} (--stop_at_step); continue with --resume 1")
+    else:
+        ctx.print(f"saved {state.get('saved')}")
+
+
+def optimizer_step(ctx, optimizers, grad_clip, bad):
+    """Finish an optimizer step. One host sync tells every rank whether any rank's loss was non-finite (`bad`
+    > 0): then all drop the gradients, else all unscale (float16), clip and step. optimizers: list of
+    (optimizer, its params). Returns True if the step was taken."""
+    if ctx.all_reduce_max(bad).item() > 0:
+        for opt, _ in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return False
+    for opt, params in optimizers:
+        if grad_clip > 0:
+            ctx.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        ctx.scaler.step(opt)
+    ctx.scaler.update()
+    for opt, _ in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return True
+
+
+class SkippedSteps:
+    """Counts optimizer steps skipped for a non-finite loss; stops the run after --max_nonfinite in a row."""
+    def __init__(self, max_in_row):
+        self.max_in_row, self.in_row, self.total = max_in_row, 0, 0
+
+    def update(self, ctx, stepped, step):
+        if stepped:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        ctx.print(f"step {step}: non-finite loss, step skipped ({self.in_row} in a row)")
+        if self.in_row >= self.max_in_row:
+            raise UserError(f"loss was NaN/inf for {self.in_row} optimizer steps in a row; lower --learning_rate, "
+                            f"try --dtype bfloat16 or float32, or check the data")
+
+
+def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_params=None, save_fn=None):
+    """Run every epoch: accumulation with no_sync, clipping, LR schedule, non-finite skip, logging,
+    periodic and final saves, resume. save_fn(model) writes the stage's weight file and returns its path."""
+    check_out_dir(args.out_dir)
+    out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
+    model.to(ctx.device)
+    params = trainable_params if trainable_params is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args, ctx)
+    loader, sampler = make_loader(dataset, args, ctx, collate_fn)
+    steps_per_epoch, total_steps = count_steps(loader, args)
+    state = new_run_state(args, ctx, total_steps, len(dataset))
+    parts = {"model": model, "optimizer": optimizer}
+    load_resume(args, ctx, state, parts)
+
+    ddp_model = wrap_ddp(model, ctx)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     logger = Logger(args, ctx, stage, state)
     n_params = count_parameters(unwrap(model))
@@ -475,21 +640,10 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     fpt = flops_per_token(unwrap(model).config, args.max_seq_len)
 
     def save():
-        rng = [rng_state()]
-        if ctx.ddp:  # every rank's RNG, so a resumed run continues each rank's stream
-            rng = [None] * ctx.world
-            dist.all_gather_object(rng, rng_state())
-        if ctx.is_master:
-            state["saved"] = save_fn(unwrap(model))
-            ck = {"model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-                  "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                  "state": {k: v for k, v in state.items() if k != "resumed"}, "rng": rng}
-            atomic_torch_save(ck, rpath)
-        if ctx.ddp:
-            dist.barrier()
+        save_checkpoint(args, ctx, state, parts, save_fn)
 
     model.train()
-    nonfinite_in_row, skipped_total = 0, 0
+    skips = SkippedSteps(args.max_nonfinite)
     t0, tokens_since, wait_s = time.time(), 0, 0.0
     nonpad_since = torch.zeros((), device=ctx.device, dtype=torch.long)
     run_t0, run_start_step = t0, state["step"]
@@ -498,12 +652,10 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     while state["step"] < total_steps:
         epoch = state["epoch"]
         done_in_epoch = state["step"] - epoch * steps_per_epoch
-        sampler.set_epoch(epoch, skip=done_in_epoch * args.accumulation_steps * args.batch_size)
-        it = iter(loader)
+        it = epoch_iterator(loader, sampler, state, steps_per_epoch, args)
         for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state["step"])):
             lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             bad = torch.zeros((), device=ctx.device)
             for micro in range(args.accumulation_steps):
                 t_wait = time.time()
@@ -523,23 +675,8 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 micro_count += 1
                 tokens_since += batch_tokens(batch)
                 nonpad_since += batch_nonpad_tokens(batch)
-            # One host sync per optimizer step: all ranks agree whether this step's loss was finite.
-            if ctx.all_reduce_max(bad).item() > 0:
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_in_row += 1
-                skipped_total += 1
-                ctx.print(f"step {state['step'] + 1}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
-                if nonfinite_in_row >= args.max_nonfinite:
-                    raise UserError(f"loss was NaN/inf for {nonfinite_in_row} optimizer steps in a row; lower --learning_rate, "
-                                    f"try --dtype bfloat16 or float32, or check the data")
-            else:
-                nonfinite_in_row = 0
-                if args.grad_clip > 0:
-                    ctx.scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                ctx.scaler.step(optimizer)
-                ctx.scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            stepped = optimizer_step(ctx, [(optimizer, params)], args.grad_clip, bad)
+            skips.update(ctx, stepped, state["step"] + 1)
             state["step"] += 1
             state["epoch"] = state["step"] // steps_per_epoch
 
@@ -559,8 +696,8 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 record.update({k: round(v.item() / n, 6) for k, v in metrics_sum.items()})
                 if peak:
                     record["mfu"] = round(tok_s * fpt / (peak * ctx.world), 4)
-                if skipped_total:
-                    record["skipped_steps"] = skipped_total
+                if skips.total:
+                    record["skipped_steps"] = skips.total
                 rate = (step - run_start_step) / max(time.time() - run_t0, 1e-9)
                 record["eta_s"] = round((total_steps - step) / max(rate, 1e-9), 1)
                 if ctx.cuda:
@@ -577,12 +714,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 break
         if stopped_early:
             break
-    save()
-    logger.finish()
-    if stopped_early:
-        ctx.print(f"stopped at step {state['step']} of {total_steps} (--stop_at_step); continue with --resume 1")
-    else:
-        ctx.print(f"saved {state.get('saved')}")
+    end_run(args, ctx, state, total_steps, parts, logger, stopped_early, save_fn)
     return out_path
 
 
