@@ -363,3 +363,95 @@ def make_pack_collate(max_length, pad_id=0):
         return input_ids, label_out, position_ids
 
     return collate
+
+
+# ----------------------------------------------------------------------------------------------------
+# RL prompts (train_grpo.py, train_ppo.py): MiniMind's rlaif.jsonl, one conversation a line whose last
+# assistant message is a placeholder (its content is not used), plus an optional ground truth for
+# verifiable rewards: "gt" (a string, a number or a list of them, any of which is right) or "answer".
+
+RL = 'RL prompt data ({"conversations": [..., {"role": "assistant", "content": ""}], "gt": ...})'
+END_WITH_PLACEHOLDER = 'End each conversation with the placeholder {"role": "assistant", "content": ""}.'
+
+
+def ground_truth(obj):
+    """The line's accepted answers as strings ([] when it has none)."""
+    value = obj.get("gt", obj.get("answer"))
+    if value is None:
+        return []
+    return [str(v).strip() for v in (value if isinstance(value, list) else [value])]
+
+
+def check_ground_truth(obj):
+    if "gt" in obj and "answer" in obj:
+        return 'has both "gt" and "answer"', f'Keep one ground-truth field. {SKIP_HINT}'
+    key = "gt" if "gt" in obj else "answer" if "answer" in obj else None
+    if key is None:
+        return None
+    what = "a string, a number or a list of them" if key == "gt" else "a string or a number"
+    values = obj[key] if isinstance(obj[key], list) and key == "gt" else [obj[key]]
+    if not values:
+        return f'"{key}" is an empty list', SKIP_HINT
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            return f'"{key}" holds {json.dumps(v, ensure_ascii=False)[:40]}, not {what}', SKIP_HINT
+        if isinstance(v, str) and not v.strip():
+            return f'"{key}" holds an empty string', SKIP_HINT
+    return None
+
+
+def check_rl(obj):
+    if "conversations" not in obj:
+        return wrong_stage(obj, RL, "conversations")
+    msgs = obj["conversations"]
+    if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) and not any(m.get("role") == "assistant" for m in msgs):
+        return '"conversations" has no assistant message, so there is no reply to sample', f"{END_WITH_PLACEHOLDER} {SKIP_HINT}"
+    problem = check_messages(msgs, "conversations")
+    if problem:
+        return problem
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if last == 0 or msgs[last - 1]["role"] != "user":
+        return ("the prompt (everything before the last assistant message) does not end with a user message",
+                f"{END_WITH_PLACEHOLDER} {SKIP_HINT}")
+    return check_ground_truth(obj)
+
+
+def check_rl_with_gt(obj):
+    problem = check_rl(obj)
+    if problem is None and not ground_truth(obj):
+        return ('no ground truth ("gt" or "answer"), which --rewards answer needs on every line',
+                f"Add the right answer as \"gt\", or drop answer from --rewards for open-ended prompts. {SKIP_HINT}")
+    return problem
+
+
+def render_generation_prompt(tokenizer, messages, enable_thinking=None):
+    """The text a chat model continues to answer `messages`. enable_thinking (None: not passed) goes to the
+    chat template, which then opens the reply with <think> or pre-fills an empty think block."""
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+class RLPromptDataset(JsonlDataset):
+    """Prompts to sample replies to. A sample is {"prompt_ids", "messages", "reply_prefix", "gt"}:
+    reply_prefix is any part of the assistant turn the template pre-fills (e.g. "<think>\\n"), which the
+    rewards read in front of the sampled reply. A prompt longer than max_length keeps its last tokens."""
+    kind, check = "rl", check_rl
+
+    def __init__(self, path, tokenizer, max_length=512, enable_thinking=None, skip_bad_lines=False, cache_index="auto"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
+        self.enable_thinking = enable_thinking
+
+    def __getitem__(self, i):
+        rec = self.record(i)
+        msgs = rec["conversations"]
+        messages = msgs[:max(j for j, m in enumerate(msgs) if m["role"] == "assistant")]
+        text = render_generation_prompt(self.tokenizer, messages, self.enable_thinking)
+        header = f"{self.tokenizer.bos_token}assistant\n"
+        reply_prefix = text.rsplit(header, 1)[1] if header in text else ""
+        return {"prompt_ids": self.encode(text)[-self.max_length:], "messages": messages, "reply_prefix": reply_prefix,
+                "gt": ground_truth(rec)}
+
+
+class VerifiableRLPromptDataset(RLPromptDataset):
+    """RL prompts that must each carry a ground truth (what --rewards answer checks replies against)."""
+    kind, check = "rl_gt", check_rl_with_gt
