@@ -382,7 +382,8 @@ def sse_events(engine, job, rid, created, include_usage):
 # ----------------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, weight_help="a native .pth to serve (default: picked by --model_mode/--out_dir/--dim/--use_moe)")
+    add_model_args(p, weight_help="a native .pth to serve, or a stage prefix in --out_dir (grpo, ppo, reason, ...) "
+                                  "(default: picked by --model_mode/--out_dir/--dim/--use_moe)")
     p.add_argument("--model_path", default=None, help="serve a transformers folder (Llama or MiniMind, e.g. from convert_model.py) instead")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface; there is no authentication)")
