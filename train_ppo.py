@@ -95,7 +95,9 @@ def ppo_losses(logps, old_logps, advantages, values, old_values, returns, mask, 
 
 
 def main():
-    parser = build_parser("MiniMind PPO: reinforcement learning from rewards with a critic", out_weight="ppo", epochs=1,
+    parser = build_parser("MiniMind PPO: reinforcement learning from rewards with a critic. A step (--max_steps, "
+                          "--log_interval, --save_interval) is one rollout batch of --batch_size prompts and its passes.",
+                          out_weight="ppo", epochs=1,
                           batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl",
                           from_weight="reason", log_interval=1, save_interval=50)
     parser.set_defaults(num_workers=0)  # a prompt is cheap to read: no worker process needed

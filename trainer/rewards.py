@@ -170,7 +170,7 @@ def add_reward_args(parser, rewards):
                    help="comma-separated rewards to add up: format (the <think>/<answer> template), answer (right final "
                         "answer; needs \"gt\" in the data), repetition (repeated 3-grams), length (--length_min..--length_max "
                         "characters), model (--reward_model_path)")
-    g.add_argument("--reward_weights", default=None, help="comma-separated weights, one per reward (default: all 1)")
+    g.add_argument("--reward_weights", default=None, help="comma-separated weights, one per reward; unset: all 1")
     g.add_argument("--length_min", type=int, default=20, help="length reward: shortest reply without penalty, in characters")
     g.add_argument("--length_max", type=int, default=800, help="length reward: longest reply without penalty, in characters")
     g.add_argument("--reward_model_path", default=None,
