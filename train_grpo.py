@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from dataset.lm_dataset import RLPromptDataset, VerifiableRLPromptDataset, load_tokenizer
-from trainer.rewards import Rewards, add_reward_args, score_rollout
-from trainer.rollout import add_rollout_args, generate_rollout, reply_logps
+from dataset.lm_dataset import load_tokenizer
+from trainer.rewards import Rewards, add_reward_args, reward_metrics, score_rollout
+from trainer.rollout import add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
                            optimizer_step, run_main, set_lr, step_batches, wrap_ddp)
@@ -79,19 +79,14 @@ def main():
     args = parser.parse_args()
     if args.num_generations < 2:
         raise UserError(f"--num_generations {args.num_generations}: GRPO compares replies within a group; use 2 or more")
-    if args.temperature <= 0 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be > 0, --max_new_tokens >= 1 and --top_p in (0, 1]")
-    if args.compile:
-        raise UserError("--compile is not supported by train_grpo.py (rollout shapes change at every step)")
+    check_rollout_args(args)
     ctx = Context(args)
     check_out_dir(args.out_dir)
 
     # ---------------------------------------------------------------- models, rewards, data
     tokenizer = load_tokenizer(args.tokenizer_path)
     rewards = Rewards(args, ctx.device)
-    Dataset = VerifiableRLPromptDataset if rewards.need_gt else RLPromptDataset
-    dataset = Dataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
-                      skip_bad_lines=args.skip_bad_lines)
+    dataset = load_prompts(args, tokenizer, rewards.need_gt)
     model = load_from_weight(args).to(ctx.device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,7 +110,7 @@ def main():
         if args.show_samples:  # the last rollout's first group
             for text, r in zip(rollout.texts[:G], reward[:G].tolist()):
                 ctx.print(f"    reward {r:+.3f} | {text!r}")
-        return {**means.read(ctx), "lr": lr, **({"skipped_steps": skips.total} if skips.total else {})}
+        return {**means.read(ctx), "lr": lr}
 
     for batches in step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
         lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
@@ -144,14 +139,13 @@ def main():
                 loss = loss + aux_loss
                 bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 ctx.scaler.scale(loss / len(batches)).backward()
-            means.add({"loss": loss, "reward": reward.mean(), "reward_std": reward.std(unbiased=False),
-                       **{f"reward_{k}": v.mean() for k, v in reward_parts.items()}, **metrics,
+            means.add({"loss": loss, **reward_metrics(reward, reward_parts), **metrics,
                        "reply_len": rollout.reply_mask.sum(dim=1).mean(), "no_signal": no_signal,
                        "rollout_share": rollout_s / max(time.time() - t0, 1e-9)})
         skips.update(ctx, optimizer_step(ctx, [(optimizer, params)], args.grad_clip, bad), state["step"] + 1)
         state["step"] += 1
 
-        if after_step(args, ctx, state, total_steps, parts, logger, log_record, started):
+        if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips):
             stopped_early = True
             break
     end_run(args, ctx, state, total_steps, parts, logger, stopped_early)

@@ -16,9 +16,9 @@ import time
 import torch
 from torch import nn
 
-from dataset.lm_dataset import RLPromptDataset, VerifiableRLPromptDataset, load_tokenizer
-from trainer.rewards import Rewards, add_reward_args, score_rollout
-from trainer.rollout import add_rollout_args, generate_rollout, reply_logps
+from dataset.lm_dataset import load_tokenizer
+from trainer.rewards import Rewards, add_reward_args, reward_metrics, score_rollout
+from trainer.rollout import add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
                            optimizer_step, run_main, set_lr, step_batches, unwrap, wrap_ddp)
@@ -126,19 +126,14 @@ def main():
     if not 1 <= args.mini_batch_size <= n_replies or args.ppo_epochs < 1 or args.num_generations < 1:
         raise UserError(f"--mini_batch_size must be in 1..{n_replies} (--batch_size x --num_generations), "
                         f"--ppo_epochs and --num_generations at least 1")
-    if args.temperature <= 0 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be > 0, --max_new_tokens >= 1 and --top_p in (0, 1]")
-    if args.compile:
-        raise UserError("--compile is not supported by train_ppo.py (rollout shapes change at every step)")
+    check_rollout_args(args)
     ctx = Context(args)
     check_out_dir(args.out_dir)
 
     # ---------------------------------------------------------------- models, rewards, data
     tokenizer = load_tokenizer(args.tokenizer_path)
     rewards = Rewards(args, ctx.device)
-    Dataset = VerifiableRLPromptDataset if rewards.need_gt else RLPromptDataset
-    dataset = Dataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
-                      skip_bad_lines=args.skip_bad_lines)
+    dataset = load_prompts(args, tokenizer, rewards.need_gt)
     model = load_from_weight(args).to(ctx.device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     critic = ValueModel(model).to(ctx.device)
@@ -163,7 +158,7 @@ def main():
     started, stopped_early = (time.time(), state["step"]), False
 
     def log_record():
-        return {**means.read(ctx), "lr": lr, **({"skipped_steps": skips.total} if skips.total else {})}
+        return {**means.read(ctx), "lr": lr}
 
     for (samples,) in step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
         lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
@@ -207,13 +202,12 @@ def main():
                 means.add({"policy_loss": policy_loss, "value_loss": value_loss, "approx_kl": approx_kl, **metrics})
             if early_stop:
                 break
-        means.add({"reward": scores.mean(), "reward_std": scores.std(unbiased=False),
-                   **{f"reward_{k}": v.mean() for k, v in score_parts.items()},
+        means.add({**reward_metrics(scores, score_parts),
                    "kl": ((old_logps - ref_logps) * mask).sum() / mask.sum().clamp(min=1),
                    "reply_len": mask.sum(dim=1).mean(), "updates": updates, "early_stop": float(early_stop)})
         state["step"] += 1
 
-        if after_step(args, ctx, state, total_steps, parts, logger, log_record, started):
+        if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips):
             stopped_early = True
             break
     end_run(args, ctx, state, total_steps, parts, logger, stopped_early)

@@ -433,14 +433,15 @@ class Logger:
             self.wandb.finish()
 
 
-def after_step(args, ctx, state, total_steps, parts, logger, record_fn, started):
+def after_step(args, ctx, state, total_steps, parts, logger, record_fn, started, skips):
     """What a loop does after its step counter moved: log record_fn() every --log_interval steps and at the
-    end (with an ETA from started = (time, step) at the loop's start), save every --save_interval steps.
-    Returns True when --stop_at_step says to stop here."""
+    end (with the skipped steps, and an ETA from started = (time, step) at the loop's start), save every
+    --save_interval steps. Returns True when --stop_at_step says to stop here."""
     step = state["step"]
     if step % args.log_interval == 0 or step == total_steps:
         rate = (step - started[1]) / max(time.time() - started[0], 1e-9)
         logger.log({"step": step, "epoch": state["epoch"] + 1, **record_fn(),
+                    **({"skipped_steps": skips.total} if skips.total else {}),
                     "eta_s": round((total_steps - step) / max(rate, 1e-9), 1)})
     if step % args.save_interval == 0 and step != total_steps:
         save_checkpoint(args, ctx, state, parts)

@@ -186,6 +186,11 @@ def score_rollout(rewards, samples, rollout, device):
     return rewards(replies, device)
 
 
+def reward_metrics(total, parts):
+    """The numbers to log about a batch's rewards: mean and std of the total, mean of each part."""
+    return {"reward": total.mean(), "reward_std": total.std(unbiased=False), **{f"reward_{k}": v.mean() for k, v in parts.items()}}
+
+
 class Rewards:
     """The weighted sum of the rewards named by --rewards; also returns each part for the log."""
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dataset.lm_dataset import RLPromptDataset, VerifiableRLPromptDataset
 from model.model_minimind import output_cache
-from trainer_utils import add_bool, str2bool, unwrap
+from trainer_utils import UserError, add_bool, str2bool, unwrap
 
 
 def add_rollout_args(parser, num_generations):
@@ -31,6 +32,20 @@ def add_rollout_args(parser, num_generations):
                         "block; unset: the template's plain generation prompt")
     add_bool(g, "--show_samples", help="print one prompt's replies and rewards at every log line")
     return g
+
+
+def check_rollout_args(args):
+    if args.temperature <= 0 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be > 0, --max_new_tokens >= 1 and --top_p in (0, 1]")
+    if args.compile:
+        raise UserError("--compile is not supported for RL (the rollout shapes change at every step)")
+
+
+def load_prompts(args, tokenizer, need_gt):
+    """The RL prompts of --data_path; with need_gt (a reward checks answers) every line must carry its answer."""
+    dataset = VerifiableRLPromptDataset if need_gt else RLPromptDataset
+    return dataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
+                   skip_bad_lines=args.skip_bad_lines)
 
 
 @dataclass
