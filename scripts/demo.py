@@ -3,13 +3,15 @@
     python scripts/demo.py                 # CPU: a tiny model, under 10 minutes on 2 cores
     python scripts/demo.py --out_dir out/demo --device cuda
 
-Runs the real scripts one after another (pretrain -> full SFT -> DPO -> reasoning distillation, and a
-LoRA identity adapter on the DPO model), then evaluates each stage before and after and writes
-{out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar.
+Runs the real scripts one after another (pretrain -> full SFT -> DPO -> reasoning distillation -> GRPO,
+and a LoRA identity adapter on the DPO model), then evaluates each stage before and after and writes
+{out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar. --ppo also trains
+PPO from the reasoning model and reports it (no bar).
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -33,26 +35,35 @@ RECIPES = {
                 dpo=["--max_seq_len", "128", "--batch_size", "8", "--learning_rate", "5e-5", "--epochs", "1", "--beta", "0.1"],
                 reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10"],
                 lora=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "5e-3", "--epochs", "5", "--lora_rank", "16",
-                      "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]),
+                      "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+                grpo=["--max_seq_len", "64", "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "80",
+                      "--learning_rate", "2e-4", "--max_steps", "40", "--rewards", "format,answer", "--beta", "0.02"],
+                ppo=["--max_seq_len", "64", "--batch_size", "16", "--num_generations", "2", "--max_new_tokens", "80",
+                     "--mini_batch_size", "16", "--learning_rate", "1e-4", "--critic_learning_rate", "1e-3", "--max_steps", "30",
+                     "--rewards", "format,answer"]),
 }
 RECIPES["cuda"] = RECIPES["cpu"]  # same recipe, just faster; the bars are about the recipe, not the device
 
 BARS = [("SFT in-format", "sft_in_format", 0.90, ">="), ("LoRA new name (with adapter)", "lora_with", 0.80, ">="),
         ("LoRA new name (without adapter)", "lora_without", 0.10, "<="), ("DPO preference accuracy", "dpo_acc", 0.80, ">="),
-        ("Reasoning template", "reason_template", 0.90, ">=")]
+        ("Reasoning template", "reason_template", 0.90, ">="),
+        ("GRPO right-answer gain over the reasoning model (points)", "grpo_gain", 0.10, ">="),
+        ("GRPO template change (points, must not fall)", "grpo_template_change", 0.0, ">=")]
 
 
 def stage(script, *flags, log):
     """Run one training script like a user would, echoing its output."""
     cmd = [sys.executable, os.path.join(ROOT, script), *flags]
     print(f"\n$ {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:])}", flush=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in proc.stdout:
         print("   ", line.rstrip(), flush=True)
     if proc.wait() != 0:
         raise SystemExit(f"{script} failed (exit {proc.returncode})")
-    log[script] = round(time.time() - t0, 1)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds too: on a shared machine wall time says more about the neighbours than about the stage
+    log[script] = {"wall": round(time.time() - t0, 1), "cpu": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)}
 
 
 def ensure_data():
@@ -65,17 +76,18 @@ def plot_curves(out_dir, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    order = ["pretrain", "full_sft", "rlhf", "reason", "lora"]
+    order = ["pretrain", "full_sft", "rlhf", "reason", "grpo", "ppo", "lora"]
     logs = sorted((f for f in os.listdir(os.path.join(out_dir, "logs")) if f.endswith(".jsonl")),
                   key=lambda f: next((i for i, p in enumerate(order) if f.startswith(p)), len(order)))
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2))
     for ax, name in zip(axes, logs):
         with open(os.path.join(out_dir, "logs", name), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        y = "reward" if "reward" in rows[0] else "loss"  # RL stages: the mean reward of the rollouts
+        ax.plot([r["step"] for r in rows], [r[y] for r in rows])
         ax.set_title(name[:-len(".jsonl")])
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(y)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -85,6 +97,7 @@ def main():
     ap.add_argument("--out_dir", default="out/demo")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip_training", action="store_true", help="only evaluate checkpoints already in --out_dir")
+    ap.add_argument("--ppo", action="store_true", help="also train PPO from the reasoning model and report it (no bar)")
     args = ap.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -99,6 +112,9 @@ def main():
         stage("train_full_sft.py", *common, *recipe["sft"], "--data_path", f"{DATA}/sft_mini_512.jsonl", log=times)
         stage("train_dpo.py", *common, *recipe["dpo"], "--data_path", f"{DATA}/dpo.jsonl", log=times)
         stage("train_distill_reason.py", *common, *recipe["reason"], "--data_path", f"{DATA}/r1_mix_1024.jsonl", log=times)
+        stage("train_grpo.py", *common, *recipe["grpo"], "--data_path", f"{DATA}/rlaif.jsonl", log=times)
+        if args.ppo:
+            stage("train_ppo.py", *common, *recipe["ppo"], "--data_path", f"{DATA}/rlaif.jsonl", log=times)
         stage("train_lora.py", *common, *recipe["lora"], "--lora_name", "lora_identity",
               "--data_path", f"{DATA}/lora_identity.jsonl", log=times)
     t_train = time.time() - t_start
@@ -115,7 +131,7 @@ def main():
     tok = load_tokenizer(os.path.join(ROOT, "model"))
     dim = recipe["model"][1]
     load = lambda prefix: load_weights(os.path.join(out, f"{prefix}_{dim}.pth")).to(device).eval()
-    pre, sft, rlhf, reason = load("pretrain"), load("full_sft"), load("rlhf"), load("reason")
+    pre, sft, rlhf, reason, grpo = load("pretrain"), load("full_sft"), load("rlhf"), load("reason"), load("grpo")
     untrained = MiniMindForCausalLM(pre.config).to(device).eval()
     r = {}
     r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
@@ -126,13 +142,21 @@ def main():
     r["dpo_after"] = ev.preference_metrics(rlhf, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
     r["reason_before"] = ev.reasoning_metrics(rlhf, tok, f"{DATA}/r1_eval.jsonl", device)
     r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device)
+    t_rl, cpu_rl = time.time(), time.process_time()
+    r["grpo_before"] = ev.rl_metrics(reason, tok, f"{DATA}/rlaif_eval.jsonl", device)
+    r["grpo_after"] = ev.rl_metrics(grpo, tok, f"{DATA}/rlaif_eval.jsonl", device)
+    if args.ppo:
+        r["ppo_after"] = ev.rl_metrics(load("ppo"), tok, f"{DATA}/rlaif_eval.jsonl", device)
+    times["GRPO evaluation"] = {"wall": round(time.time() - t_rl, 1), "cpu": round(time.process_time() - cpu_rl, 1)}
     r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     load_lora(rlhf, lora_weight_path(out, "lora_identity", dim))
     r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
-            "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"]}
+            "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"],
+            "grpo_gain": r["grpo_after"]["correct"] - r["grpo_before"]["correct"],
+            "grpo_template_change": r["grpo_after"]["template"] - r["grpo_before"]["template"]}
 
     # ---------------------------------------------------------------- report
     pct = lambda x: f"{100 * x:.1f}%"
@@ -149,6 +173,10 @@ def main():
              f"| DPO | mean reward margin | {r['dpo_before']['margin']:.4f} | {r['dpo_after']['margin']:.4f} |",
              f"| reasoning | replies in `<think>`/`<answer>` template ({r['reason_after']['n']}), vs DPO model | {pct(r['reason_before']['template'])} | {pct(r['reason_after']['template'])} |",
              f"| reasoning | right answer | {pct(r['reason_before']['correct'])} | {pct(r['reason_after']['correct'])} |",
+             f"| GRPO | held-out problems answered right, greedy ({r['grpo_after']['n']}), vs reasoning model | {pct(r['grpo_before']['correct'])} | {pct(r['grpo_after']['correct'])} |",
+             f"| GRPO | replies in `<think>`/`<answer>` template, vs reasoning model | {pct(r['grpo_before']['template'])} | {pct(r['grpo_after']['template'])} |",
+             *([f"| PPO (no bar) | held-out right answers / template, after | | {pct(r['ppo_after']['correct'])} / {pct(r['ppo_after']['template'])} |"]
+               if args.ppo else []),
              f"| LoRA identity | answers with the new name 小星, without / with adapter | {pct(r['lora_without'])} | {pct(r['lora_with'])} |",
              f"| LoRA identity | held-out SFT loss (general ability kept), without / with adapter | {r['sft_loss_base']:.3f} | {r['sft_loss_lora']:.3f} |",
              "", "## Bars", ""]
@@ -162,9 +190,11 @@ def main():
         lines.append(f"- SFT 👶 {q!r} 🤖 {a!r}")
     for q, a in r["reason_after"]["samples"]:
         lines.append(f"- reasoning 👶 {q!r} 🤖 {a!r}")
+    for q, a in r["grpo_after"]["samples"]:
+        lines.append(f"- GRPO 👶 {q!r} 🤖 {a!r}")
     for p, (a, _) in zip(lora_prompts, lora_samples):
         lines.append(f"- LoRA 👶 {p[-1]['content']!r} 🤖 {a!r}")
-    lines += ["", f"Stage times (s): {json.dumps(times)}", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["", f"Stage times (s, wall and CPU of the process): {json.dumps(times)}", "", "![loss curves](loss_curves.png)", ""]
     report = "\n".join(lines)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(report)
