@@ -5,7 +5,8 @@ Train MiniMind's byte-level BPE tokenizer (vocab 6400) from a pretrain jsonl ({"
     python train_tokenizer.py --data_path dataset/demo/pretrain_hq.jsonl  # writes model/tokenizer*.json
 
 Fixed ids: <|endoftext|> 0 (pad/unk), <|im_start|> 1 (bos), <|im_end|> 2 (eos); then <think> </think>
-<answer> </answer> (3..6) as added tokens that never split. The text is read as a stream (one line at a
+<answer> </answer> (3..6) and <tool_call> </tool_call> <tool_response> </tool_response> (7..10) as added
+tokens that never split; then 16 spare special tokens <|reserved_0|> .. <|reserved_15|> (11..26). The text is read as a stream (one line at a
 time), so a multi-GB file never sits in memory; the BPE trainer's own word-count table still grows with
 the number of distinct words, so for big corpora cap it with --max_lines and/or --sample_rate.
 Output is deterministic: same input file and flags -> byte-identical tokenizer.json.
@@ -20,12 +21,67 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ids 3..6
-# ChatML, no default system prompt: <|im_start|>{role}\n{content}<|im_end|>\n per message.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # ids 7..10
+# Spare special tokens (ids 11..26): a future tag takes one of these without retraining the tokenizer.
+RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(16)]
+# Tags a reply is made of: added tokens that never split, yet not "special", so that
+# decode(skip_special_tokens=True) keeps them and a reply can still be parsed for its think part and tool calls.
+TAG_TOKENS = REASONING_TOKENS + TOOL_TOKENS
+FIXED_TOKENS = SPECIAL_TOKENS + TAG_TOKENS + RESERVED_TOKENS  # ids 0..26, in this order
+
+# ChatML, no default system prompt: <|im_start|>{role}\n{content}<|im_end|>\n per message, plus (Qwen's
+# conventions, OpenAI's field names):
+# - `tools` (OpenAI function schemas) go into the system turn, one JSON object a line inside <tools></tools>,
+#   with the instruction to call one as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>;
+# - an assistant message renders `reasoning_content` (when present, even empty) as <think>\n...\n</think>\n
+#   before its content, then each of its `tool_calls` as a <tool_call> block;
+# - `role: "tool"` results become <tool_response> blocks, consecutive ones in one user turn;
+# - the generation prompt follows `enable_thinking` (MiniMind-3's `open_thinking` is an alias): true opens
+#   the reply with <think>\n, false pre-fills the empty think block <think>\n\n</think>\n so the model answers
+#   directly, unset leaves the reply to the model (the reasoning model opens <think> itself).
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message['reasoning_content'] is string %}"
+    "{{- '<think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n' }}"
+    "{%- endif %}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{%- if call['function'] is defined %}{%- set call = call['function'] %}{%- endif %}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{%- if call['arguments'] is string %}{{- call['arguments'] }}{%- else %}{{- call['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is not none %}{%- set thinking = enable_thinking %}"
+    "{%- elif open_thinking is defined %}{%- set thinking = open_thinking %}{%- endif %}"
+    "{%- if thinking is defined and thinking is true %}{{- '<think>\\n' }}"
+    "{%- elif thinking is defined and thinking is false %}{{- '<think>\\n\\n</think>\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 SAMPLE_ZH = ("人工智能是计算机科学的一个分支，它试图理解智能的实质，并生产出一种新的能以人类智能相似的方式"
              "做出反应的智能机器。今天天气很好，我们一起去公园散步吧！")
@@ -73,24 +129,22 @@ def train(texts, vocab_size=6400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS + REASONING_TOKENS,  # trainer puts these first -> ids 0..6
+        special_tokens=FIXED_TOKENS,  # the trainer puts these first -> ids 0..26
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # The reasoning tags are added tokens that never split, but not "special": decode(skip_special_tokens=True)
-    # must keep them so a reply can still be checked for the <think>/<answer> template.
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
-    for i, t in enumerate(SPECIAL_TOKENS + REASONING_TOKENS):
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    for i, t in enumerate(FIXED_TOKENS):
         assert tok.token_to_id(t) == i, f"{t} got id {tok.token_to_id(t)}, expected {i}"
     return tok
 
 
 def tokenizer_config(tok):
     added = {}
-    for i, t in enumerate(SPECIAL_TOKENS + REASONING_TOKENS):
+    for i, t in enumerate(FIXED_TOKENS):
         added[str(i)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                         "single_word": False, "special": t in SPECIAL_TOKENS}
+                         "single_word": False, "special": t not in TAG_TOKENS}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,  # datasets add <|im_start|> themselves where they want it
