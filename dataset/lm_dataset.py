@@ -5,9 +5,15 @@ Datasets for every training stage, reading MiniMind's jsonl formats:
     SFT / LoRA / reasoning {"conversations": [{"role", "content"}, ...]}    -> SFTDataset
     DPO                   {"chosen": [messages], "rejected": [messages]}    -> DPODataset
 
+Chat messages may also carry MiniMind-3's / OpenAI's tool-use and reasoning fields: `tools` on a system
+message (or on the line), `tool_calls` and `reasoning_content` on assistant messages, `role: "tool"`
+results; `tools` and `tool_calls` may be JSON strings or objects, as the public files have them. A field
+a stage cannot use is an error naming it, never dropped silently.
+
 Samples are (input_ids, labels) of equal length, NOT shifted (the model shifts: logits[:, :-1] predict
-labels[:, 1:]), unpadded; labels are -100 where there is nothing to learn. In chat data only the assistant
-content and its closing <|im_end|> are learned.
+labels[:, 1:]), unpadded; labels are -100 where there is nothing to learn. Chat data is rendered by the
+tokenizer's own chat template (the same call inference makes), and only what the assistant writes (its
+think part, content and tool-call blocks) and its closing <|im_end|> are learned.
 
 Memory: a multi-GB file is never loaded. Construction makes one streaming pass that validates every line
 and keeps only a numpy array of line byte offsets (8 bytes a line); __getitem__ seeks, reads, parses and
@@ -24,11 +30,11 @@ import torch
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 REPO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
 INDEX_VERSION = 1
 CACHE_MIN_BYTES = 64 << 20  # "auto" caches the line index only for files this big; small files index in ms
 SKIP_HINT = "Fix the line or pass --skip_bad_lines to skip bad lines."
+EXTRA_HINT = "Remove them from the data, or pass --skip_bad_lines to skip such lines."
 
 
 class DataFormatError(ValueError):
@@ -78,37 +84,139 @@ def check_pretrain(obj):
     return None
 
 
-def check_messages(msgs, field):
+class BadRecord(ValueError):
+    """A problem with one record: (problem, hint), turned into `path:LINE: problem. hint` by scan()."""
+
+
+MESSAGE_FIELDS = {  # role -> fields a message of that role may carry (the chat template renders them)
+    "system": {"role", "content", "tools"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "reasoning_content", "tool_calls"},
+    "tool": {"role", "content", "tool_call_id", "name"},  # results pair with calls by order, as in Qwen
+}
+RL_PLACEHOLDERS = ("", "空")  # MiniMind's rlaif.jsonl ends each prompt with the assistant placeholder "空"
+
+
+def _json_field(value, what):
+    """tools / tool_calls / arguments: a JSON string (as in the public files) or the object itself."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{what} is a string but not valid JSON ({e.msg} at column {e.colno})", SKIP_HINT) from None
+    return value
+
+
+def parse_tools(value, what):
+    tools = _json_field(value, what)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRecord(f"{what} must be a list of function schemas (objects), got {type(tools).__name__}", SKIP_HINT)
+    for t in tools:
+        fn = t.get("function", t)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadRecord(f'{what}: each tool needs a "name" (OpenAI shape: {{"type": "function", "function": '
+                            f'{{"name": ..., "parameters": ...}}}})', SKIP_HINT)
+    return tools
+
+
+def parse_tool_calls(value, what):
+    calls = _json_field(value, what)
+    if not isinstance(calls, list) or not calls:
+        raise BadRecord(f"{what} must be a non-empty list of calls", SKIP_HINT)
+    out = []
+    for j, call in enumerate(calls, 1):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
+            raise BadRecord(f'{what} call {j} needs "name" and "arguments" (OpenAI shape: {{"type": "function", '
+                            f'"function": {{"name": ..., "arguments": ...}}}})', SKIP_HINT)
+        args = _json_field(fn["arguments"], f"{what} call {j} arguments")
+        if not isinstance(args, dict):
+            raise BadRecord(f"{what} call {j} arguments must be a JSON object, got {type(args).__name__}", SKIP_HINT)
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
+def chat_messages(msgs, field, tools=None):
+    """Validate a conversation and return (messages, tools) as the chat template takes them: JSON strings
+    parsed, `tools` lifted off the system message. Raises BadRecord."""
     if not isinstance(msgs, list):
-        return f'"{field}" is {type(msgs).__name__}, not a list of messages', SKIP_HINT
+        raise BadRecord(f'"{field}" is {type(msgs).__name__}, not a list of messages', SKIP_HINT)
     if not msgs:
-        return f'"{field}" is an empty list', SKIP_HINT
+        raise BadRecord(f'"{field}" is an empty list', SKIP_HINT)
+    out = []
     for i, m in enumerate(msgs, 1):
+        where = f'"{field}" message {i}'
         if not isinstance(m, dict):
-            return f'"{field}" message {i} is {type(m).__name__}, not an object with "role" and "content"', SKIP_HINT
-        for k in ("role", "content"):
-            if k not in m:
-                return f'"{field}" message {i} has no "{k}"', SKIP_HINT
-        if m["role"] not in ROLES:
-            return f'"{field}" message {i} has unknown role {json.dumps(m["role"], ensure_ascii=False)} (expected system, user or assistant)', SKIP_HINT
-        if not isinstance(m["content"], str):
-            return f'"{field}" message {i} "content" is {type(m["content"]).__name__}, not a string', SKIP_HINT
-    if not any(m["role"] == "assistant" for m in msgs):
-        return f'"{field}" has no assistant message, so there is nothing to learn', SKIP_HINT
-    return None
+            raise BadRecord(f'{where} is {type(m).__name__}, not an object with "role" and "content"', SKIP_HINT)
+        if "role" not in m:
+            raise BadRecord(f'{where} has no "role"', SKIP_HINT)
+        role = m["role"]
+        if role not in MESSAGE_FIELDS:
+            raise BadRecord(f'{where} has unknown role {json.dumps(role, ensure_ascii=False)} '
+                            f'(expected system, user, assistant or tool)', SKIP_HINT)
+        extra = [k for k in m if k not in MESSAGE_FIELDS[role] and m[k] is not None]
+        if extra:
+            raise BadRecord(f'{where} ({role}) has field(s) {", ".join(json.dumps(k) for k in extra)} that chat training '
+                            f'does not use', EXTRA_HINT)
+        msg = {"role": role}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where} tool_calls")
+        content = m.get("content")
+        if "content" not in m and "tool_calls" not in msg:
+            raise BadRecord(f'{where} has no "content"', SKIP_HINT)
+        if content is None and "tool_calls" in msg:
+            content = ""  # OpenAI sends null content beside tool calls
+        if not isinstance(content, str):
+            raise BadRecord(f'{where} "content" is {type(content).__name__}, not a string', SKIP_HINT)
+        msg["content"] = content
+        if role == "assistant" and m.get("reasoning_content") is not None:
+            if not isinstance(m["reasoning_content"], str):
+                raise BadRecord(f'{where} "reasoning_content" is {type(m["reasoning_content"]).__name__}, not a string', SKIP_HINT)
+            msg["reasoning_content"] = m["reasoning_content"]
+        if role == "system" and m.get("tools") not in (None, "", []):
+            if tools is not None:
+                raise BadRecord(f"{where} has tools, but the conversation already has tools", SKIP_HINT)
+            tools = parse_tools(m["tools"], f"{where} tools")
+        out.append(msg)
+    assistants = [m for m in out if m["role"] == "assistant"]
+    if not assistants:
+        raise BadRecord(f'"{field}" has no assistant message, so there is nothing to learn', SKIP_HINT)
+    if out[0]["role"] == "assistant":
+        raise BadRecord(f'"{field}" starts with an assistant message: no prompt comes before it', SKIP_HINT)
+    last = assistants[-1]
+    if last["content"].strip() in RL_PLACEHOLDERS and "tool_calls" not in last and "reasoning_content" not in last:
+        raise BadRecord(f'"{field}" ends with an empty or placeholder assistant reply ({json.dumps(last["content"], ensure_ascii=False)}): '
+                        f"this looks like RL-prompt data (rlaif.jsonl)",
+                        "Use it with train_grpo.py or train_ppo.py, or give that message a real reply.")
+    return out, tools
 
 
 def check_sft(obj):
     if "conversations" not in obj:
         return wrong_stage(obj, SFT, "conversations")
-    return check_messages(obj["conversations"], "conversations")
+    extra = [k for k in obj if k not in ("conversations", "tools")]
+    if extra:
+        if any(k in ("gt", "answer") for k in extra):
+            return (f'field {json.dumps(extra[0])} is a ground truth for rewards: this looks like RL-prompt data (rlaif.jsonl)',
+                    "Use it with train_grpo.py or train_ppo.py.")
+        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by chat training',
+                EXTRA_HINT)
+    tools = parse_tools(obj["tools"], '"tools"') if obj.get("tools") not in (None, "", []) else None
+    chat_messages(obj["conversations"], "conversations", tools)
+    return None
 
 
 def check_dpo(obj):
     for key in ("chosen", "rejected"):
         if key not in obj:
             return wrong_stage(obj, DPO, key)
-    return check_messages(obj["chosen"], "chosen") or check_messages(obj["rejected"], "rejected")
+    extra = [k for k in obj if k not in ("chosen", "rejected")]
+    if extra:
+        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "chosen" and "rejected" are not used by DPO',
+                EXTRA_HINT)
+    chat_messages(obj["chosen"], "chosen")
+    chat_messages(obj["rejected"], "rejected")
+    return None
 
 
 def parse_line(raw):
@@ -137,6 +245,8 @@ def scan(path, check, skip_bad_lines):
                 continue  # blank lines are allowed and ignored
             try:
                 problem = check(parse_line(raw))
+            except BadRecord as e:
+                problem = e.args
             except ValueError as e:
                 problem = (str(e), SKIP_HINT)
             if problem is None:
@@ -214,8 +324,22 @@ class JsonlDataset(Dataset):
     def __getstate__(self):  # picklable for spawn-started workers; each reopens its own handle
         return {**self.__dict__, "_fh": None, "_pid": None}
 
-    def encode(self, text):
+    def encode_text(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, messages, tools, i):
+        """encode_chat, with a template failure reported as this file's problem."""
+        try:
+            return encode_chat(self.tokenizer, messages, self.max_length, tools)
+        except Exception as e:  # noqa: BLE001 - a Jinja error in a user's template, or ChatTemplateError
+            raise DataFormatError(f"{self.path}:{self.line_number(i)}: the chat template of the tokenizer cannot "
+                                  f"render this conversation ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                                  f"Check --tokenizer_path, or fix the line") from None
+
+    def line_number(self, i):
+        """1-based line of sample i (counts newlines up to its offset: for error messages only)."""
+        with open(self.path, "rb") as f:
+            return f.read(int(self.offsets[i])).count(b"\n") + 1
 
 
 class PretrainDataset(JsonlDataset):
@@ -227,34 +351,69 @@ class PretrainDataset(JsonlDataset):
 
     def __getitem__(self, i):
         tok = self.tokenizer
-        ids = [tok.bos_token_id] + self.encode(self.record(i)["text"]) + [tok.eos_token_id]
+        ids = [tok.bos_token_id] + self.encode_text(self.record(i)["text"]) + [tok.eos_token_id]
         ids = torch.tensor(ids[: self.max_length], dtype=torch.long)
         return ids, ids.clone()
 
 
-def encode_chat(tokenizer, messages, max_length=None):
-    """Tokenize a conversation exactly as the ChatML chat template renders it (no generation prompt), piece
-    by piece so we know which tokens are assistant output:
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot be used to derive labels (it rewrites earlier turns)."""
 
-        <|im_start|>{role}\\n{content}<|im_end|>\\n      per message
-        labels = ids on assistant content + its <|im_end|>, -100 on everything else
 
-    Special tokens cut the text into independently tokenized segments, so the concatenation equals
-    tokenizer.apply_chat_template(messages) (tests check it). One corner: assistant content that starts
-    with whitespace may merge differently with the header's \\n in a full render; the piecewise ids are
-    what a model sees when it generates after the `<|im_start|>assistant\\n` prompt, so we keep those."""
-    bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    ids, labels = [], []
-    for m in messages:
-        if m["role"] == "assistant":
-            head, body, tail = enc(f"{bos}assistant\n"), enc(m["content"] + eos), enc("\n")
-            ids += head + body + tail
-            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
-        else:
-            piece = enc(f"{bos}{m['role']}\n{m['content']}{eos}\n")
-            ids += piece
-            labels += [IGNORE_INDEX] * len(piece)
+# Generation prompts to try, in order, when finding where an assistant turn starts: plain, then thinking
+# on, then off (MiniMind-3's template pre-fills an empty think block unless `open_thinking` is set).
+GENERATION_PROMPTS = ({}, {"enable_thinking": True, "open_thinking": True}, {"enable_thinking": False, "open_thinking": False})
+
+
+def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, **template_kwargs):
+    """The conversation as text, by the tokenizer's own chat template: the one call training, eval_model.py,
+    the server and the RL rollouts all make."""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+
+def encode_chat(tokenizer, messages, max_length=None, tools=None):
+    """Tokenize a conversation as its chat template renders it; labels = the ids of what each assistant turn
+    writes (think part, content, tool calls) and its closing <|im_end|>, -100 everywhere else.
+
+    For the assistant turn i, the text before it is exactly the generation prompt inference would build
+    from messages[:i] (so training prompt == inference prompt, whatever the template adds: a default
+    system prompt, tool schemas, a pre-filled think block), and its reply is tokenized on its own, as the
+    model generates it after that prompt. Special tokens cut the text into independently tokenized
+    segments, so for a ChatML template the ids equal tokenizing the whole rendering (tests check it)."""
+    eos = tokenizer.eos_token
+    ids, labels, done = [], [], ""
+
+    def add(text, learn):
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids.extend(piece)
+        labels.extend(piece if learn else [IGNORE_INDEX] * len(piece))
+
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        turn = render_chat(tokenizer, messages[:i + 1], tools)
+        prompt = None
+        for kwargs in GENERATION_PROMPTS:
+            candidate = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True, **kwargs)
+            if turn.startswith(candidate):
+                prompt = candidate
+                break
+        if prompt is None or not prompt.startswith(done):
+            raise ChatTemplateError("the tokenizer's chat template renders earlier turns differently once a later "
+                                    "turn is added, so assistant labels cannot be derived from it")
+        add(prompt[len(done):], learn=False)
+        reply = turn[len(prompt):]
+        end = reply.rfind(eos)
+        end = len(reply) if end < 0 else end + len(eos)
+        add(reply[:end], learn=True)
+        add(reply[end:], learn=False)  # the template's newline after <|im_end|>
+        done = turn
+    rest = render_chat(tokenizer, messages, tools)
+    if not rest.startswith(done):
+        raise ChatTemplateError("the tokenizer's chat template renders earlier turns differently once a later "
+                                "turn is added, so assistant labels cannot be derived from it")
+    add(rest[len(done):], learn=False)  # messages after the last assistant turn, if any
     if max_length is not None:  # plain cut: labels stay aligned, so no prompt token ever gets a label
         ids, labels = ids[:max_length], labels[:max_length]
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
@@ -268,7 +427,10 @@ class SFTDataset(JsonlDataset):
         super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
 
     def __getitem__(self, i):
-        return encode_chat(self.tokenizer, self.record(i)["conversations"], self.max_length)
+        rec = self.record(i)
+        line_tools = parse_tools(rec["tools"], '"tools"') if rec.get("tools") not in (None, "", []) else None
+        messages, tools = chat_messages(rec["conversations"], "conversations", line_tools)
+        return self.encode(messages, tools, i)
 
 
 class DPODataset(JsonlDataset):
@@ -280,8 +442,8 @@ class DPODataset(JsonlDataset):
 
     def __getitem__(self, i):
         rec = self.record(i)
-        c_ids, c_lab = encode_chat(self.tokenizer, rec["chosen"], self.max_length)
-        r_ids, r_lab = encode_chat(self.tokenizer, rec["rejected"], self.max_length)
+        c_ids, c_lab = self.encode(chat_messages(rec["chosen"], "chosen")[0], None, i)
+        r_ids, r_lab = self.encode(chat_messages(rec["rejected"], "rejected")[0], None, i)
         return {"chosen_input_ids": c_ids, "chosen_labels": c_lab, "rejected_input_ids": r_ids, "rejected_labels": r_lab}
 
 
