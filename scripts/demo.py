@@ -28,7 +28,7 @@ RECIPES = {
     "cpu": dict(model=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads", "2"],
                 pretrain=["--max_seq_len", "128", "--batch_size", "16", "--accumulation_steps", "1", "--learning_rate", "2e-3",
                           "--warmup_iters", "20", "--epochs", "1", "--packing", "1"],
-                sft=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10",
+                sft=["--max_seq_len", "1024", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10",
                      "--packing", "1"],
                 dpo=["--max_seq_len", "128", "--batch_size", "8", "--learning_rate", "5e-5", "--epochs", "1", "--beta", "0.1"],
                 reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10"],
@@ -37,7 +37,11 @@ RECIPES = {
 }
 RECIPES["cuda"] = RECIPES["cpu"]  # same recipe, just faster; the bars are about the recipe, not the device
 
-BARS = [("SFT in-format", "sft_in_format", 0.90, ">="), ("LoRA new name (with adapter)", "lora_with", 0.80, ">="),
+BARS = [("SFT in-format", "sft_in_format", 0.90, ">="),
+        ("Tool use: right tool in a well-formed call", "tool_right", 0.90, ">="),
+        ("Tool use: final answer holds the tool's result", "tool_answer", 0.70, ">="),
+        ("Thinking off: empty think block, then the answer", "think_off", 0.90, ">="),
+        ("LoRA new name (with adapter)", "lora_with", 0.80, ">="),
         ("LoRA new name (without adapter)", "lora_without", 0.10, "<="), ("DPO preference accuracy", "dpo_acc", 0.80, ">="),
         ("Reasoning template", "reason_template", 0.90, ">=")]
 
@@ -122,17 +126,23 @@ def main():
     r["pre_after"] = ev.pretrain_metrics(pre, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
     r["sft_before"] = ev.chat_metrics(pre, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
     r["sft_after"] = ev.chat_metrics(sft, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
+    r["tool_before"] = ev.tool_metrics(pre, tok, f"{DATA}/tool_eval.jsonl", device)
+    r["tool_after"] = ev.tool_metrics(sft, tok, f"{DATA}/tool_eval.jsonl", device)
     r["dpo_before"] = ev.preference_metrics(sft, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
     r["dpo_after"] = ev.preference_metrics(rlhf, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
     r["reason_before"] = ev.reasoning_metrics(rlhf, tok, f"{DATA}/r1_eval.jsonl", device)
     r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device)
+    r["think_on"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device, enable_thinking=True)
+    r["think_off"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device, enable_thinking=False)
     r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     load_lora(rlhf, lora_weight_path(out, "lora_identity", dim))
     r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
-            "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"]}
+            "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"],
+            "tool_right": r["tool_after"]["right_tool"], "tool_answer": r["tool_after"]["answer_has_result"],
+            "think_off": r["think_off"]["template"]}
 
     # ---------------------------------------------------------------- report
     pct = lambda x: f"{100 * x:.1f}%"
@@ -145,10 +155,16 @@ def main():
              f"{r['pre_after']['loss']:.3f} ({r['pre_after']['ppl']:.1f}) |",
              f"| full SFT | replies closed by `<\\|im_end\\|>` ({r['sft_after']['n']} prompts), vs pretrain | {pct(r['sft_before']['in_format'])} | {pct(r['sft_after']['in_format'])} |",
              f"| full SFT | identity questions answered as MiniMind ({r['sft_after']['n_identity']}) | {pct(r['sft_before']['identity_named'])} | {pct(r['sft_after']['identity_named'])} |",
+             f"| tool use | well-formed call naming the right tool ({r['tool_after']['n_tool']} held-out tool questions, all three tools offered) | {pct(r['tool_before']['right_tool'])} | {pct(r['tool_after']['right_tool'])} |",
+             f"| tool use | call arguments give the reference result | {pct(r['tool_before']['right_args'])} | {pct(r['tool_after']['right_args'])} |",
+             f"| tool use | final answer holds the tool's result (real round trip) | {pct(r['tool_before']['answer_has_result'])} | {pct(r['tool_after']['answer_has_result'])} |",
+             f"| tool use | questions needing no tool answered without a call ({r['tool_after']['n_plain']}) | {pct(r['tool_before']['plain_direct'])} | {pct(r['tool_after']['plain_direct'])} |",
              f"| DPO | preference accuracy, implicit reward ({r['dpo_after']['n']} pairs; ties count half) | {pct(r['dpo_before']['accuracy'])} | {pct(r['dpo_after']['accuracy'])} |",
              f"| DPO | mean reward margin | {r['dpo_before']['margin']:.4f} | {r['dpo_after']['margin']:.4f} |",
              f"| reasoning | replies in `<think>`/`<answer>` template ({r['reason_after']['n']}), vs DPO model | {pct(r['reason_before']['template'])} | {pct(r['reason_after']['template'])} |",
              f"| reasoning | right answer | {pct(r['reason_before']['correct'])} | {pct(r['reason_after']['correct'])} |",
+             f"| reasoning | thinking on (`enable_thinking`: prompt opens `<think>`): template / right answer | — | {pct(r['think_on']['template'])} / {pct(r['think_on']['correct'])} |",
+             f"| reasoning | thinking off (empty think block pre-filled): empty block then `<answer>` / right answer | — | {pct(r['think_off']['template'])} / {pct(r['think_off']['correct'])} |",
              f"| LoRA identity | answers with the new name 小星, without / with adapter | {pct(r['lora_without'])} | {pct(r['lora_with'])} |",
              f"| LoRA identity | held-out SFT loss (general ability kept), without / with adapter | {r['sft_loss_base']:.3f} | {r['sft_loss_lora']:.3f} |",
              "", "## Bars", ""]
@@ -160,8 +176,12 @@ def main():
     lines += ["", "## Samples", ""]
     for q, a in r["sft_after"]["samples"]:
         lines.append(f"- SFT 👶 {q!r} 🤖 {a!r}")
+    for q, first, results, final in r["tool_after"]["samples"]:
+        lines.append(f"- tools 👶 {q!r} 🤖 {first!r} 🔧 {results!r} 🤖 {final!r}")
     for q, a in r["reason_after"]["samples"]:
         lines.append(f"- reasoning 👶 {q!r} 🤖 {a!r}")
+    for q, a in r["think_off"]["samples"][:1]:
+        lines.append(f"- reasoning, thinking off 👶 {q!r} 🤖 {a!r}")
     for p, (a, _) in zip(lora_prompts, lora_samples):
         lines.append(f"- LoRA 👶 {p[-1]['content']!r} 🤖 {a!r}")
     lines += ["", f"Stage times (s): {json.dumps(times)}", "", "![loss curves](loss_curves.png)", ""]

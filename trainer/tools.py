@@ -186,15 +186,13 @@ def _object(properties, required):
     return {"type": "object", "properties": properties, "required": required}
 
 
-TOOLS = {t.name: t for t in [
-    Tool("calculator", "Evaluate an arithmetic expression.",
-         _object({"expression": {"type": "string", "description": "e.g. (3 + 4) * 5"}}, ["expression"]), calculator),
-    Tool("units", "Convert a value between units.",
-         _object({"value": {"type": "number"}, "from": {"type": "string", "description": "unit, e.g. km"},
-                  "to": {"type": "string", "description": "unit, e.g. mi"}}, ["value", "from", "to"]), units),
-    Tool("dates", "Weekday of a date, a date plus days, or days between two dates.",
-         _object({"start": {"type": "string", "description": "YYYY-MM-DD"}, "days": {"type": "integer"},
-                  "end": {"type": "string", "description": "YYYY-MM-DD"}}, ["start"]), dates),
+TOOLS = {t.name: t for t in [  # short descriptions: every schema token is in the prompt of every tool request
+    Tool("calculator", "Arithmetic: + - * / // % ** ( )",
+         _object({"expression": {"type": "string"}}, ["expression"]), calculator),
+    Tool("units", "Convert a value between units, e.g. km to mi",
+         _object({"value": {"type": "number"}, "from": {"type": "string"}, "to": {"type": "string"}}, ["value", "from", "to"]), units),
+    Tool("dates", "Weekday of a date (YYYY-MM-DD), the date some days later, or the days until an end date",
+         _object({"start": {"type": "string"}, "days": {"type": "integer"}, "end": {"type": "string"}}, ["start"]), dates),
 ]}
 
 
