@@ -89,7 +89,7 @@ def get_args(argv=None):
     add_bool(g, "--use_moe", help="mixture-of-experts model: file name ends in _moe (default 0)")
     g.add_argument("--load", type=int, default=0, choices=[0, 1],
                    help="0: native .pth from --out_dir; 1: a transformers folder given by --model_path (default 0)")
-    g.add_argument("--model_path", default="MiniMind2", help="transformers model folder for --load 1 (default MiniMind2)")
+    g.add_argument("--model_path", default=None, help="transformers model folder for --load 1 (default MiniMind2)")
     g.add_argument("--tokenizer_path", default="model",
                    help="tokenizer folder (default model; with --load 1 the model folder's own tokenizer wins if it has one)")
 
@@ -110,6 +110,9 @@ def get_args(argv=None):
     add_bool(g, "--stream", default=True, help="print each reply token by token (default 1)")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     args = p.parse_args(argv)
+    if args.model_path is not None and args.load == 0:  # it would be ignored: the native .pth would answer instead
+        p.error("--model_path is read only with --load 1 (a transformers folder); add --load 1, or drop --model_path")
+    args.model_path = args.model_path or "MiniMind2"
     args.dropout = 0.0  # load_weights builds plain .pth models from the flags and wants this
     if args.lora_name in ("None", "none", ""):
         args.lora_name = None  # MiniMind's spelling of "no LoRA"

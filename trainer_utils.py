@@ -378,8 +378,9 @@ def check_learnable(dataset, args, ctx):
     """Before training: do the samples keep a labelled token within --max_seq_len? All samples of a small
     data set are looked at, LABEL_CHECK_SAMPLES seeded random ones of a big one (tokenizing every line of a
     multi-GB file here would double the cost of the index pass; the training loop counts the rest as they
-    come). No sample with a label: an error. Some without: an error naming the first, or with
-    --skip_bad_lines a warning, and they are skipped and counted while training."""
+    come). No sample with a label: an error, with or without --skip_bad_lines. Some without: a warning naming
+    the first (truncating a few long samples is normal with real data), and they are counted while training;
+    with --skip_bad_lines they are also left out of their batches."""
     n = len(dataset)
     exhaustive = n <= LABEL_CHECK_SAMPLES
     indices = range(n) if exhaustive else np.sort(np.random.default_rng(args.seed).choice(n, LABEL_CHECK_SAMPLES, replace=False))
@@ -398,11 +399,9 @@ def check_learnable(dataset, args, ctx):
     if len(empty) == len(indices):
         raise UserError(f"{args.data_path}: nothing to learn: {share} have no labelled token within {window} (first: {where}); "
                         f"the prompts are longer than that or the window is too short: raise --max_seq_len")
-    if not args.skip_bad_lines:
-        raise UserError(f"{where}: no labelled token within {window}, the prompt fills it ({share} are like this); "
-                        f"raise --max_seq_len, shorten the prompt, or pass --skip_bad_lines 1 to skip such samples")
-    ctx.print(f"warning: {share} have no labelled token within {window} (first: {where}); "
-              f"they are skipped and counted (--skip_bad_lines)")
+    what = ("they are skipped and counted (--skip_bad_lines)" if args.skip_bad_lines else
+            "they add nothing to the loss: raise --max_seq_len, or pass --skip_bad_lines 1 to leave them out of their batches")
+    ctx.print(f"warning: {share} have no labelled token within {window}, their prompts fill it (first: {where}); {what}")
 
 
 def to_device(batch, device):

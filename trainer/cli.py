@@ -44,6 +44,8 @@ def user_error_message(exc):
     """The one line for an exception that is the user's to fix, or None for a bug (which keeps its traceback)."""
     if isinstance(exc, UserError):
         return str(exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename is None:  # raised with its own message ("x: data file not found")
+        return str(exc)
     if isinstance(exc, OSError) and exc.filename is not None:  # a file the user named is missing or unusable
         from trainer.file_io import describe_os_error
         return describe_os_error(exc, exc.filename)
@@ -97,40 +99,38 @@ def _number(text, kind):
     return value
 
 
+def _in_range(kind, lo, hi, lo_open, hi_open):
+    def parse(text):
+        value = _number(text, kind)
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {_describe_range(kind, lo, hi, lo_open, hi_open)}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some of its own messages
+    return parse
+
+
+def _describe_range(kind, lo, hi, lo_open, hi_open):
+    if kind is int:
+        if hi is None:
+            return "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        return f"an integer <= {hi}" if lo is None else f"an integer from {lo} to {hi}"
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
 def int_in(lo=None, hi=None):
     """An integer with lo <= value <= hi (either bound may be None: unbounded)."""
-    def parse(text):
-        value = _number(text, int)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            if hi is None:
-                want = "a positive integer" if lo == 1 else f"an integer >= {lo}"
-            elif lo is None:
-                want = f"an integer <= {hi}"
-            else:
-                want = f"an integer from {lo} to {hi}"
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return value
-    parse.__name__ = "int"
-    return parse
+    return _in_range(int, lo, hi, False, False)
 
 
 def float_in(lo=None, hi=None, lo_open=False, hi_open=False):
     """A finite number in the range [lo, hi]; lo_open / hi_open exclude that end."""
-    def parse(text):
-        value = _number(text, float)
-        too_low = lo is not None and (value <= lo if lo_open else value < lo)
-        too_high = hi is not None and (value >= hi if hi_open else value > hi)
-        if too_low or too_high:
-            if hi is None:
-                want = f"{'>' if lo_open else '>='} {lo:g}"
-            elif lo is None:
-                want = f"{'<' if hi_open else '<='} {hi:g}"
-            else:
-                want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return value
-    parse.__name__ = "float"
-    return parse
+    return _in_range(float, lo, hi, lo_open, hi_open)
 
 
 positive_int = int_in(1)
