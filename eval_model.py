@@ -21,9 +21,9 @@ import torch
 
 from dataset.lm_dataset import load_tokenizer
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
-from model.model_lora import LoRAError, load_lora
-from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, load_weights, lora_weight_path, run_main,
-                           weight_path)
+from model.model_lora import load_lora
+from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, device_name, float_in, load_weights,
+                           lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, run_main, seed_int, weight_path)
 
 USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
 DIM, RESET = "\033[2m", "\033[0m"  # the <think> part of a reply is dimmed on a terminal
@@ -72,44 +72,47 @@ LORA_PROMPTS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("which model")
     g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODEL_MODES),
                    help="0: pretrain, 1: full_sft, 2: rlhf (DPO), 3: reason; loads {out_dir}/{prefix}_{dim}[_moe].pth (default 1)")
-    g.add_argument("--lora_name", default=None,
+    g.add_argument("--lora_name", type=plain_name, default=None,
                    help="apply {out_dir}/lora/{NAME}_{dim}.pth (made by train_lora.py --lora_name NAME) on the model; "
                         "use the --model_mode it was trained on (default: no LoRA)")
     g.add_argument("--out_dir", default="out", help="folder with the weight files (default out)")
-    g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512,
+    g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512,
                    help="hidden size: part of the file name; also builds a plain .pth that has no .json beside it (default 512)")
-    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8,
+    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=positive_int, default=8,
                    help="Transformer blocks, for a plain .pth without .json (default 8)")
-    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=int, default=8, help="query heads, for a plain .pth (default 8)")
-    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=2, help="key/value heads, for a plain .pth (default 2)")
+    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=positive_int, default=8, help="query heads, for a plain .pth (default 8)")
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=positive_int, default=2, help="key/value heads, for a plain .pth (default 2)")
     add_bool(g, "--use_moe", help="mixture-of-experts model: file name ends in _moe (default 0)")
     g.add_argument("--load", type=int, default=0, choices=[0, 1],
                    help="0: native .pth from --out_dir; 1: a transformers folder given by --model_path (default 0)")
-    g.add_argument("--model_path", default="MiniMind2", help="transformers model folder for --load 1 (default MiniMind2)")
+    g.add_argument("--model_path", default=None, help="transformers model folder for --load 1 (default MiniMind2)")
     g.add_argument("--tokenizer_path", default="model",
                    help="tokenizer folder (default model; with --load 1 the model folder's own tokenizer wins if it has one)")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--temperature", type=float, default=0.85, help="0: greedy (default 0.85)")
-    g.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling mass (default 0.85)")
-    g.add_argument("--max_new_tokens", "--max_seq_len", dest="max_new_tokens", type=int, default=512,
+    g.add_argument("--temperature", type=nonneg_float, default=0.85, help="0: greedy (default 0.85)")
+    g.add_argument("--top_p", type=float_in(0, 1, lo_open=True), default=0.85, help="nucleus sampling mass (default 0.85)")
+    g.add_argument("--max_new_tokens", "--max_seq_len", dest="max_new_tokens", type=positive_int, default=512,
                    help="most tokens per reply (MiniMind calls it --max_seq_len) (default 512)")
-    g.add_argument("--history_cnt", type=int, default=0,
+    g.add_argument("--history_cnt", type=nonneg_int, default=0,
                    help="chat modes: past messages kept as context, 2 per turn (user + assistant); 0: every prompt stands "
                         "alone (default 0)")
-    g.add_argument("--seed", type=int, default=42, help="every reply is sampled with a generator seeded with this (default 42)")
+    g.add_argument("--seed", type=seed_int, default=42, help="every reply is sampled with a generator seeded with this (default 42)")
 
     g = p.add_argument_group("input and output")
     g.add_argument("--prompt", action="append", default=[],
                    help="a prompt to answer (repeatable); without it a terminal gets the menu, piped stdin is read "
                         "one prompt a line (a first line 0 or 1 answers the menu)")
     add_bool(g, "--stream", default=True, help="print each reply token by token (default 1)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     args = p.parse_args(argv)
+    if args.model_path is not None and args.load == 0:  # it would be ignored: the native .pth would answer instead
+        p.error("--model_path is read only with --load 1 (a transformers folder); add --load 1, or drop --model_path")
+    args.model_path = args.model_path or "MiniMind2"
     args.dropout = 0.0  # load_weights builds plain .pth models from the flags and wants this
     if args.lora_name in ("None", "none", ""):
         args.lora_name = None  # MiniMind's spelling of "no LoRA"
@@ -148,12 +151,7 @@ def load_model(args):
         lora_path = lora_weight_path(args.out_dir, args.lora_name, dim)
         if not os.path.exists(lora_path):
             raise UserError(f"{lora_path} not found: run train_lora.py --lora_name {args.lora_name} first")
-        try:
-            load_lora(model, lora_path)  # the base weights in memory get adapters; no file is written
-        except LoRAError:
-            raise  # already one clear line
-        except Exception as e:  # a truncated or foreign file
-            raise UserError(f"{lora_path}: cannot read LoRA weights ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})") from None
+        load_lora(model, lora_path)  # the base weights in memory get adapters; no file is written
         what += f" + {lora_path}"
     n_params = count_parameters(model)
     return model.float().eval().to(args.device), tokenizer, f"{what} ({n_params / 1e6:.2f}M parameters, {args.device})"
@@ -231,9 +229,32 @@ def auto_prompts(args):
     return LORA_PROMPTS.get(args.lora_name, CHAT_PROMPTS)
 
 
+def not_utf8(text):
+    """None for text that came in as UTF-8; else where it did not. Input is decoded with surrogateescape,
+    so each undecodable byte arrives as one lone surrogate (U+DC80..U+DCFF)."""
+    for i, c in enumerate(text):
+        if "\udc80" <= c <= "\udcff":
+            return f"byte 0x{ord(c) - 0xdc00:02x} at character {i + 1}"
+    return None
+
+
 def typed_prompts():
     while True:  # ends with Ctrl-D (EOFError) or Ctrl-C (KeyboardInterrupt), caught in main
         line = input(USER).strip()
+        bad = not_utf8(line)
+        if bad:  # a terminal set to another encoding: say so and let the user type again
+            print(f"error: that line is not UTF-8 text ({bad}); set the terminal to UTF-8 (e.g. LANG=C.UTF-8) "
+                  f"and type it again", file=sys.stderr, flush=True)
+            continue
+        if line:
+            yield line
+
+
+def piped_prompts(lines, first_line_number):
+    for n, line in enumerate(lines, first_line_number):
+        bad = not_utf8(line)
+        if bad:
+            raise UserError(f"stdin line {n} is not UTF-8 text ({bad}); send UTF-8 (e.g. convert it with iconv -t UTF-8)")
         if line:
             yield line
 
@@ -241,6 +262,10 @@ def typed_prompts():
 def get_prompts(args):
     """-> (prompts, whether to echo each one after the 👶 marker)."""
     if args.prompt:
+        for n, prompt in enumerate(args.prompt, 1):
+            bad = not_utf8(prompt)
+            if bad:
+                raise UserError(f"--prompt number {n} is not UTF-8 text ({bad}); pass UTF-8 (check the shell's encoding)")
         return args.prompt, True
     if sys.stdin.isatty():
         choice = ""
@@ -251,8 +276,9 @@ def get_prompts(args):
     first = next(lines, None)
     if first is None or first == "0":  # nothing piped also runs the auto test
         return auto_prompts(args), True
-    rest = lines if first == "1" else itertools.chain([first], lines)
-    return (line for line in rest if line), True
+    if first == "1":
+        return piped_prompts(lines, 2), True
+    return piped_prompts(itertools.chain([first], lines), 1), True
 
 
 def chat(model, tokenizer, prompts, echo, args):
@@ -268,6 +294,7 @@ def chat(model, tokenizer, prompts, echo, args):
 def main():
     args = get_args()
     sys.stdout.reconfigure(errors="replace")  # a console that cannot show an emoji still gets the text
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 get a clear message, not a traceback
     try:
         model, tokenizer, what = load_model(args)
         print(f"model: {what}", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset, load_tokenizer, make_collate
-from trainer_utils import Context, build_parser, load_from_weight, run_main, train
+from trainer_utils import Context, build_parser, load_from_weight, nonneg_float, run_main, train
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -39,7 +39,7 @@ def main():
     parser = build_parser("MiniMind reasoning distillation", out_weight="reason", epochs=1, batch_size=8,
                           learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf")
     g = parser.add_argument_group("reasoning")
-    g.add_argument("--special_token_weight", type=float, default=10.0, help="loss weight of <think>/</think>/<answer>/</answer>")
+    g.add_argument("--special_token_weight", type=nonneg_float, default=10.0, help="loss weight of <think>/</think>/<answer>/</answer>")
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)

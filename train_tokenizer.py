@@ -15,9 +15,11 @@ import argparse
 import json
 import os
 import random
-import sys
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from trainer.cli import ArgumentParser, UserError, float_in, int_in, positive_int, run_main, seed_int
+from trainer.file_io import atomic_write_files
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ids 3..6
@@ -28,6 +30,7 @@ RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(16)]
 # decode(skip_special_tokens=True) keeps them and a reply can still be parsed for its think part and tool calls.
 TAG_TOKENS = REASONING_TOKENS + TOOL_TOKENS
 FIXED_TOKENS = SPECIAL_TOKENS + TAG_TOKENS + RESERVED_TOKENS  # ids 0..26, in this order
+MIN_VOCAB = 256 + len(FIXED_TOKENS)  # every byte, plus the fixed tokens
 
 # ChatML, no default system prompt: <|im_start|>{role}\n{content}<|im_end|>\n per message, plus (Qwen's
 # conventions, OpenAI's field names):
@@ -89,7 +92,7 @@ SAMPLE_EN = ("The quick brown fox jumps over the lazy dog. Language models learn
              "from the previous ones, one small step at a time.")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A bad line in the training corpus (one-line message: path:LINE: problem. hint)."""
 
 
@@ -109,6 +112,7 @@ def iter_texts(path, max_lines=None, sample_rate=1.0, seed=42, skip_bad_lines=Fa
                 text = obj["text"]
                 if not isinstance(text, str):
                     raise TypeError("'text' is not a string")
+                text.encode("utf-8")  # a lone surrogate escape ("\\ud800") is valid JSON no tokenizer can take
             except Exception as e:  # noqa: BLE001 - report any bad line the same way
                 if skip_bad_lines:
                     stats["skipped"] += 1
@@ -162,11 +166,12 @@ def tokenizer_config(tok):
 
 
 def save(tok, out_dir):
+    """Both files replaced together, only once both are written: a full disk cannot leave a half tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(tokenizer_config(tok), f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    tokenizer_json = tok.to_str(pretty=True).encode("utf-8")
+    config_json = (json.dumps(tokenizer_config(tok), ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    atomic_write_files({os.path.join(out_dir, "tokenizer.json"): lambda f: f.write(tokenizer_json),
+                        os.path.join(out_dir, "tokenizer_config.json"): lambda f: f.write(config_json)})
 
 
 def check(out_dir):
@@ -188,33 +193,31 @@ def check(out_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default="dataset/demo/pretrain_hq.jsonl", help='jsonl with {"text": ...} lines')
     p.add_argument("--out_dir", default="model")
-    p.add_argument("--vocab_size", type=int, default=6400)
-    p.add_argument("--max_lines", type=int, default=None, help="use at most this many (sampled) lines")
-    p.add_argument("--sample_rate", type=float, default=1.0, help="keep each line with this probability (seeded)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--vocab_size", type=int_in(MIN_VOCAB), default=6400,
+                   help=f"at least {MIN_VOCAB}: the 256 byte tokens and the {len(FIXED_TOKENS)} fixed tokens")
+    p.add_argument("--max_lines", type=positive_int, default=None, help="use at most this many (sampled) lines")
+    p.add_argument("--sample_rate", type=float_in(0, 1, lo_open=True), default=1.0, help="keep each line with this probability (seeded)")
+    p.add_argument("--seed", type=seed_int, default=42)
     p.add_argument("--skip_bad_lines", action="store_true")
     args = p.parse_args()
-    if not os.path.exists(args.data_path):
-        sys.exit(f"{args.data_path}: not found. Build the demo corpus with `python dataset/build_demo_data.py` "
-                 "or pass --data_path.")
+    if not os.path.isfile(args.data_path):
+        raise UserError(f"{args.data_path}: not found. Build the demo corpus with `python dataset/build_demo_data.py` "
+                        "or pass --data_path.")
     stats = {}
     texts = iter_texts(args.data_path, args.max_lines, args.sample_rate, args.seed, args.skip_bad_lines, stats)
-    try:
-        tok = train(texts, args.vocab_size)
-    except CorpusError as e:
-        sys.exit(str(e))
+    tok = train(texts, args.vocab_size)
     if stats["kept"] == 0:
-        sys.exit(f"{args.data_path}: no text lines to train on.")
+        raise UserError(f"{args.data_path}: no text lines to train on.")
     save(tok, args.out_dir)
     print(f"trained on {stats['kept']} lines of {args.data_path}"
           + (f" ({stats['skipped']} bad lines skipped)" if stats["skipped"] else "")
           + f"; wrote {args.out_dir}/tokenizer.json, tokenizer_config.json")
     if not check(args.out_dir):
-        sys.exit("round trip failed")
+        raise UserError(f"{args.out_dir}: the saved tokenizer does not round-trip the chat template")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,93 +15,61 @@ import torch
 import torch.distributed as dist
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_parameters
+from trainer.cli import (ArgumentParser, UserError, add_bool, brief, device_name, float_in, int_in, is_first_rank,  # noqa: F401
+                         nonneg_float, nonneg_int, plain_name, port_int, positive_float, positive_int, run_main, seed_int,
+                         str2bool)
+from trainer.file_io import (atomic_torch_save, atomic_write_files, atomic_write_text, describe_os_error,  # noqa: F401
+                             read_json_file, read_torch_file)
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
                  "reason": "train_distill_reason.py"}
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 
-class UserError(Exception):
-    """A mistake the user can fix (missing file, wrong flag, bad data): printed as one line, exit 1."""
-
-
-def run_main(main):
-    """Run a script's main(); known user errors become one line on stderr and a non-zero exit."""
-    from dataset.lm_dataset import DataFormatError
-    from model.model_lora import LoRAError
-    try:
-        main()
-    except (UserError, DataFormatError, LoRAError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {v!r}")
-
-
-def add_bool(group, *names, default=False, help=""):
-    group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="0|1", help=help)
-
-
 def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, max_seq_len, data_path,
                  accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False):
     """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
-    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8, help="number of Transformer blocks")
-    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=int, default=8, help="query heads")
-    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=2, help="key/value heads (GQA)")
+    g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
+    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=positive_int, default=8, help="number of Transformer blocks")
+    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=positive_int, default=8, help="query heads")
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=positive_int, default=2, help="key/value heads (GQA)")
     add_bool(g, "--use_moe", help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)")
-    g.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per sample; longer samples are truncated")
+    g.add_argument("--max_seq_len", type=int_in(2), default=max_seq_len,
+                   help="tokens per sample (at least 2: one to read, one to predict); longer samples are truncated")
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
     if from_weight is not None:
         g.add_argument("--from_weight", default=from_weight,
                        help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason) or a .pth path")
-    g.add_argument("--save_weight", default=out_weight, help="prefix of the weight file this stage writes")
+    g.add_argument("--save_weight", type=plain_name, default=out_weight, help="prefix of the weight file this stage writes")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=data_path, help="jsonl training data")
-    g.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=nonneg_int, default=1, help="DataLoader worker processes")
     add_bool(g, "--skip_bad_lines", help="skip malformed data lines (and report how many) instead of stopping")
     if packing:
         add_bool(g, "--packing", help="pack several samples per row (attention and positions restart per sample): "
                                       "far less padding when most samples are shorter than --max_seq_len")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
-    g.add_argument("--batch_size", type=int, default=batch_size, help="samples per micro-batch per process")
-    g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=float, default=learning_rate, help="peak LR; cosine decays to lr/10")
-    g.add_argument("--accumulation_steps", type=int, default=accumulation_steps, help="micro-batches per optimizer step")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--warmup_iters", type=int, default=0, help="linear LR warmup, in optimizer steps")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--seed", type=int, default=42, help="seed for initialisation and data order (rank r uses seed + r)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in attention, feed-forward and embeddings")
-    g.add_argument("--max_nonfinite", type=int, default=10, help="stop after this many non-finite losses in a row")
-    g.add_argument("--max_steps", type=int, default=0,
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help="samples per micro-batch per process")
+    g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=positive_float, default=learning_rate, help="peak LR; cosine decays to lr/10")
+    g.add_argument("--accumulation_steps", type=positive_int, default=accumulation_steps, help="micro-batches per optimizer step")
+    g.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--warmup_iters", type=nonneg_int, default=0, help="linear LR warmup, in optimizer steps")
+    g.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--seed", type=seed_int, default=42, help="seed for initialisation and data order (rank r uses seed + r)")
+    g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=0.0, help="dropout in attention, feed-forward and embeddings")
+    g.add_argument("--max_nonfinite", type=positive_int, default=10, help="stop after this many non-finite losses in a row")
+    g.add_argument("--max_steps", type=nonneg_int, default=0,
                    help="cap on optimizer steps; the LR schedule spans the capped run (0: --epochs decides)")
-    g.add_argument("--stop_at_step", type=int, default=0,
+    g.add_argument("--stop_at_step", type=nonneg_int, default=0,
                    help="stop (after saving) at this optimizer step as if interrupted; resume later with --resume 1 (0: run to the end)")
 
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]; torchrun sets the GPU per process")
+    g.add_argument("--device", type=device_name, default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]; torchrun sets the GPU per process")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="autocast dtype on CUDA (CPU runs float32)")
     g.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False, metavar="0|1",
                    help="torch.compile the model (CUDA; first steps are slower while it compiles)")
@@ -109,8 +77,8 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out_dir", default="out", help="where weight, resume and log files go")
-    g.add_argument("--log_interval", type=int, default=log_interval, help="optimizer steps between log lines")
-    g.add_argument("--save_interval", type=int, default=save_interval, help="optimizer steps between checkpoints (the end always saves)")
+    g.add_argument("--log_interval", type=positive_int, default=log_interval, help="optimizer steps between log lines")
+    g.add_argument("--save_interval", type=positive_int, default=save_interval, help="optimizer steps between checkpoints (the end always saves)")
     add_bool(g, "--resume", help="continue from the resume file in --out_dir if there is one")
     g.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="dtype of the weight file")
     add_bool(g, "--use_wandb", help="log to Weights & Biases (offline mode without an API key)")
@@ -171,8 +139,30 @@ class Context:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
+    def on_master(self, fn):
+        """Run fn() on rank 0 only (writing files, say) and tell every rank how it went: a UserError there is
+        raised on every rank, so all stop together and rank 0 prints it once; any other failure there stops
+        the other ranks quietly (exit 1) while rank 0 shows its traceback. Returns fn()'s result on rank 0."""
+        result, failure = None, None
+        if self.is_master:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - shared with the other ranks, then raised again below
+                failure = e
+        shared = None if failure is None else (isinstance(failure, UserError), str(failure))
+        if self.ddp:
+            box = [shared]
+            dist.broadcast_object_list(box, src=0)
+            shared = box[0]
+        if failure is not None:
+            raise failure
+        if shared is not None:
+            raise UserError(shared[1] if shared[0] else "rank 0 failed (its traceback is above)")
+        return result
+
 
 def seed_everything(seed):
+    seed %= 2**32  # --seed + rank may pass numpy's limit
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -198,21 +188,8 @@ def lora_weight_path(out_dir, lora_name, dim):
     return os.path.join(out_dir, "lora", f"{lora_name}_{dim}.pth")
 
 
-def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def config_path(weight_file):
+    return weight_file[:-len(".pth")] + ".json"
 
 
 def unwrap(model):
@@ -220,59 +197,77 @@ def unwrap(model):
 
 
 def save_weights(model, path, dtype="float32"):
+    """The weights (without LoRA adapters) and the config .json beside them, replaced together only once
+    both are written: a failed save leaves the previous pair as it was."""
     model = unwrap(model)
     sd = {k: v.detach().to("cpu", getattr(torch, dtype)) for k, v in model.state_dict().items()
           if not k.rsplit(".", 1)[-1].startswith("lora_")}
-    atomic_write_text(model.config.to_json_string(use_diff=False), path[:-len(".pth")] + ".json")
-    atomic_torch_save(sd, path)
+    config_json = model.config.to_json_string(use_diff=False).encode("utf-8")
+    atomic_write_files({path: lambda f: torch.save(sd, f), config_path(path): lambda f: f.write(config_json)})
 
 
-def _read_state_dict(path):
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+def _read_state_dict(path, fix):
+    sd = read_torch_file(path, "weight file", fix)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # a resume file
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"{path}: not a state dict of tensors")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f"{path}: not a weight file (a state dict of tensors); {fix}")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def read_weight_config(cfg_path, weight_file, dropout=0.0):
+    """The MiniMindConfig in the .json beside a weight file; one clear line when it is not one."""
+    fix = (f"it should be the config saved with {weight_file}: restore it, or delete it and pass the model's "
+           f"--dim/--n_layers/--n_heads/--n_kv_heads/--use_moe")
+    cfg = read_json_file(cfg_path, "model config", fix)
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
+        cfg.pop(k, None)
+    cfg["dropout"] = dropout
+    try:
+        return MiniMindConfig(**cfg)
+    except Exception as e:  # noqa: BLE001 - ValueError from our checks, TypeError/others from transformers'
+        raise UserError(f"{cfg_path}: not a valid model config ({brief(e)}); {fix}") from None
 
 
 def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
     """Rebuild the model a weight file was saved from (config from the .json beside it, or from the
     flags for a plain MiniMind2 .pth) and load it strictly. Errors are one clear line."""
+    if not str(path).endswith(".pth"):
+        raise UserError(f"{path}: not a weight file name; weight files end in .pth (with their config in the .json beside them)")
     if not os.path.exists(path):
         hint = f": run {what_makes_it} first" if what_makes_it else ""
         raise UserError(f"{path} not found{hint} (or point --from_weight / --out_dir at an existing weight file)")
-    cfg_path = path[:-len(".pth")] + ".json"
-    if os.path.exists(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
-            cfg.pop(k, None)
-        cfg["dropout"] = dropout
-        config = MiniMindConfig(**cfg)
+    fix = f"run {what_makes_it} again to rewrite it" if what_makes_it else "re-save it or point at another weight file"
+    cfg_path = config_path(path)
+    from_json = os.path.exists(cfg_path)
+    if from_json:
+        config = read_weight_config(cfg_path, path, dropout)
         if args is not None and (args.dim, args.n_layers, bool(args.use_moe)) != (config.hidden_size, config.num_hidden_layers, config.use_moe):
-            print(f"note: {path} holds a dim={config.hidden_size} n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)} "
-                  f"model; using that (flags said {args.dim}/{args.n_layers}/{int(args.use_moe)})", flush=True)
+            if is_first_rank():
+                print(f"note: {path} holds a dim={config.hidden_size} n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)} "
+                      f"model (says {cfg_path}); using that (flags said {args.dim}/{args.n_layers}/{int(args.use_moe)})", flush=True)
     elif args is not None:
         config = model_config_from_args(args)
     else:
         raise UserError(f"{cfg_path} not found: cannot tell the model size of {path}; pass --dim/--n_layers/--use_moe")
-    sd = _read_state_dict(path)
+    sd = _read_state_dict(path, fix)
     model = MiniMindForCausalLM(config)
     own = model.state_dict()
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit a dim={config.hidden_size} n_layers={config.num_hidden_layers} "
-                        f"use_moe={int(config.use_moe)} model: missing {missing[:2]}, unexpected {unexpected[:2]}; check --dim/--n_layers/--use_moe")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise UserError(f"{path}: {k} has shape {tuple(v.shape)} but a dim={config.hidden_size} model needs "
-                            f"{tuple(own[k].shape)}; check --dim/--n_layers/--use_moe")
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        model_desc = f"dim={config.hidden_size} n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)}"
+        if missing or unexpected:
+            detail = f"missing {missing[:2]}, unexpected {unexpected[:2]}"
+        else:
+            detail = f"{wrong[0][0]} has shape {wrong[0][1]}, the model needs {wrong[0][2]}"
+        if from_json:  # the flags played no part: the .json and the .pth disagree
+            raise UserError(f"{path} does not fit the {model_desc} model its {cfg_path} describes ({detail}): the .json "
+                            f"belongs to another model; restore the matching one, or delete it and pass the model's "
+                            f"--dim/--n_layers/--n_heads/--n_kv_heads/--use_moe")
+        raise UserError(f"{path} does not fit a {model_desc} model ({detail}); check --dim/--n_layers/--use_moe")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model
 
@@ -323,14 +318,90 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def make_loader(dataset, args, ctx, collate_fn):
+    """A loader whose batches come as (batch, number of its samples with nothing to learn); with
+    --skip_bad_lines those samples are left out of the batch (see counting_collate)."""
     if len(dataset) < ctx.world * args.batch_size:
         raise UserError(f"{args.data_path}: {len(dataset)} samples is fewer than one batch "
                         f"({ctx.world} process(es) x --batch_size {args.batch_size}); lower --batch_size")
     sampler = ResumableSampler(dataset, ctx, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, collate_fn=collate_fn,
+                                         num_workers=args.num_workers, collate_fn=counting_collate(collate_fn, args.skip_bad_lines),
                                          pin_memory=ctx.cuda, persistent_workers=False)
     return loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------------
+# Is there anything to learn? A sample is (input_ids, labels, ...) or a dict with "*labels" entries; -100
+# marks a position with nothing to learn, and the model predicts labels[1:]. A sample whose labels are all
+# cut off by --max_seq_len (a prompt longer than that, or a window too short) teaches nothing, and a run of
+# only such samples would print loss 0 and save untrained weights. Data without labels is not checked.
+# ----------------------------------------------------------------------------------------------------
+IGNORE_INDEX = -100
+LABEL_CHECK_SAMPLES = 512
+
+
+def label_tensors(sample):
+    """The label tensors of a sample or a collated batch ([] if it has none)."""
+    if isinstance(sample, dict):
+        return [v for k, v in sample.items() if k.endswith("labels") and torch.is_tensor(v)]
+    if (isinstance(sample, (tuple, list)) and len(sample) >= 2 and torch.is_tensor(sample[0]) and torch.is_tensor(sample[1])
+            and sample[0].shape == sample[1].shape):
+        return [sample[1]]
+    return []
+
+
+def has_target(sample):
+    """True if every labelled sequence of the sample has a token to predict (and for unlabelled samples)."""
+    return all(bool((labels[1:] != IGNORE_INDEX).any()) for labels in label_tensors(sample))
+
+
+def batch_targets(batch):
+    """How many positions of a collated batch carry a label (a tensor), or None for a batch without labels."""
+    labels = label_tensors(batch)
+    return sum((t[:, 1:] != IGNORE_INDEX).sum() for t in labels) if labels else None
+
+
+def counting_collate(collate_fn, skip):
+    """collate_fn that also returns how many of the batch's samples have nothing to learn. With skip
+    (--skip_bad_lines) they are left out, unless all of them are: a batch keeps its place in the data order,
+    and the training loop skips a step whose batches carry no label."""
+    def collate(samples):
+        learnable = [has_target(s) for s in samples]
+        empty = learnable.count(False)
+        if skip and 0 < empty < len(samples):
+            samples = [s for s, ok in zip(samples, learnable) if ok]
+        return collate_fn(samples), empty
+    return collate
+
+
+def check_learnable(dataset, args, ctx):
+    """Before training: do the samples keep a labelled token within --max_seq_len? All samples of a small
+    data set are looked at, LABEL_CHECK_SAMPLES seeded random ones of a big one (tokenizing every line of a
+    multi-GB file here would double the cost of the index pass; the training loop counts the rest as they
+    come). No sample with a label: an error, with or without --skip_bad_lines. Some without: a warning naming
+    the first (truncating a few long samples is normal with real data), and they are counted while training;
+    with --skip_bad_lines they are also left out of their batches."""
+    n = len(dataset)
+    exhaustive = n <= LABEL_CHECK_SAMPLES
+    indices = range(n) if exhaustive else np.sort(np.random.default_rng(args.seed).choice(n, LABEL_CHECK_SAMPLES, replace=False))
+    empty = []
+    for i in indices:
+        sample = dataset[int(i)]
+        if not label_tensors(sample):
+            return  # data without labels: nothing to check
+        if not has_target(sample):
+            empty.append(int(i))
+    if not empty:
+        return
+    where = dataset.where(empty[0]) if hasattr(dataset, "where") else f"{args.data_path}: sample {empty[0]}"
+    share = f"{len(empty)} of the {len(indices)} samples{'' if exhaustive else ' checked'}"
+    window = f"--max_seq_len {args.max_seq_len}"
+    if len(empty) == len(indices):
+        raise UserError(f"{args.data_path}: nothing to learn: {share} have no labelled token within {window} (first: {where}); "
+                        f"the prompts are longer than that or the window is too short: raise --max_seq_len")
+    what = ("they are skipped and counted (--skip_bad_lines)" if args.skip_bad_lines else
+            "they add nothing to the loss: raise --max_seq_len, or pass --skip_bad_lines 1 to leave them out of their batches")
+    ctx.print(f"warning: {share} have no labelled token within {window}, their prompts fill it (first: {where}); {what}")
 
 
 def to_device(batch, device):
@@ -396,8 +467,14 @@ class Logger:
         if eta is not None:
             parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
         print(" | ".join(parts), flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # rank 0 alone writes logs: stopping here would leave the other ranks hanging
+                print(f"warning: {describe_os_error(e, self.path, writing=True)}; the log file is not written from now on",
+                      file=sys.stderr, flush=True)
+                self.path = None
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
@@ -414,9 +491,60 @@ def resume_path(args):
     return weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)[:-len(".pth")] + "_resume.pth"
 
 
+def load_resume(rpath, ctx, model, optimizer, state):
+    """Continue from a resume file: model, optimizer, scaler, progress and this rank's RNG. Any problem with
+    the file is one line; nothing is written."""
+    fix = "delete it to start fresh, or run without --resume"
+    ck = read_torch_file(rpath, "resume file", fix)
+    saved = ck.get("state") if isinstance(ck, dict) else None
+    if (not isinstance(saved, dict) or not all(k in ck for k in ("model", "optimizer", "scaler", "rng"))
+            or not isinstance(saved.get("step"), int) or not isinstance(saved.get("epoch"), int) or not ck["rng"]):
+        raise UserError(f"{rpath}: not a resume file written by these scripts (no model/optimizer/state entries); {fix}")
+    saved_shape = saved.get("run_shape", state["run_shape"])
+    if saved_shape != state["run_shape"]:
+        diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in state["run_shape"].items() if saved_shape.get(k) != v)
+        raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
+                        f"data and number of processes, or delete it to start fresh")
+    try:
+        unwrap(model).load_state_dict(ck["model"], strict=True)
+        optimizer.load_state_dict(ck["optimizer"])
+        ctx.scaler.load_state_dict(ck["scaler"])
+        restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
+    except Exception as e:  # noqa: BLE001 - another model or stage wrote it, or an entry is damaged
+        raise UserError(f"{rpath} does not fit this run ({brief(e)}); {fix}") from None
+    state.update(saved, resumed=True)
+    state["optimizer_steps"] = saved.get("optimizer_steps", saved["step"])  # files from before this was counted
+
+
+def check_steps_left(args, state, total_steps, rpath):
+    """Refuse a run that would take no step: it could only rewrite the weight file with what it loaded."""
+    if state["step"] >= total_steps:
+        raise UserError(f"{rpath} is from a run that already finished (step {state['step']} of {total_steps}): nothing to "
+                        f"resume; drop --resume to train again, or delete the file")
+    if args.stop_at_step and args.stop_at_step <= state["step"]:
+        raise UserError(f"--stop_at_step {args.stop_at_step} is not after step {state['step']}, where the resumed run "
+                        f"stands; raise it or drop it")
+
+
+def take_optimizer_step(optimizer, scaler, params, grad_clip):
+    """Clip, step and clear the gradients. Returns False when the float16 GradScaler skipped the step."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale is None or scaler.get_scale() >= scale  # the scale drops only when the step was skipped
+
+
 def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_params=None, save_fn=None):
     """Run every epoch: accumulation with no_sync, clipping, LR schedule, non-finite skip, logging,
-    periodic and final saves, resume. save_fn(model) writes the stage's weight file and returns its path."""
+    periodic and final saves, resume. save_fn(model) writes the stage's weight file and returns its path.
+
+    Two rules keep a user's files safe: a run that would take no step is refused before it starts, and the
+    weight file is written only once an optimizer step has been taken (a step whose loss is non-finite, or
+    whose batches carry no label on any rank, is skipped, not taken)."""
     check_out_dir(args.out_dir)
     out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
 
@@ -440,27 +568,16 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     # What fixes the data order and the schedule: a resume with other values would not continue the same run.
     run_shape = {"batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps, "world_size": ctx.world,
                  "total_steps": total_steps, "seed": args.seed, "samples": len(dataset)}
-    state = {"epoch": 0, "step": 0, "resumed": False, "run_shape": run_shape}
+    state = {"epoch": 0, "step": 0, "optimizer_steps": 0, "resumed": False, "run_shape": run_shape}
     rpath = resume_path(args)
     if args.resume:
         if os.path.exists(rpath):
-            try:
-                ck = torch.load(rpath, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise UserError(f"{rpath}: cannot read the resume file ({type(e).__name__}); delete it to start fresh") from None
-            saved_shape = ck["state"].get("run_shape", run_shape)
-            if saved_shape != run_shape:
-                diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in run_shape.items() if saved_shape.get(k) != v)
-                raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
-                                f"data and number of processes, or delete it to start fresh")
-            unwrap(model).load_state_dict(ck["model"], strict=True)
-            optimizer.load_state_dict(ck["optimizer"])
-            ctx.scaler.load_state_dict(ck["scaler"])
-            state.update(ck["state"], resumed=True)
-            restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
+            load_resume(rpath, ctx, model, optimizer, state)
             ctx.print(f"resumed from {rpath} at optimizer step {state['step']}")
         else:
             ctx.print(f"no resume file at {rpath}; starting fresh")
+    check_steps_left(args, state, total_steps, rpath)
+    check_learnable(dataset, args, ctx)
 
     ddp_model = model
     if ctx.ddp:
@@ -475,21 +592,24 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     fpt = flops_per_token(unwrap(model).config, args.max_seq_len)
 
     def save():
+        if state["optimizer_steps"] == 0:  # the weights are still the ones loaded: never write them over a file
+            return
         rng = [rng_state()]
         if ctx.ddp:  # every rank's RNG, so a resumed run continues each rank's stream
             rng = [None] * ctx.world
             dist.all_gather_object(rng, rng_state())
-        if ctx.is_master:
+
+        def write():  # rank 0 only; its errors (a full disk) reach every rank through on_master
             state["saved"] = save_fn(unwrap(model))
             ck = {"model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
                   "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
                   "state": {k: v for k, v in state.items() if k != "resumed"}, "rng": rng}
             atomic_torch_save(ck, rpath)
-        if ctx.ddp:
-            dist.barrier()
+        ctx.on_master(write)
 
     model.train()
-    nonfinite_in_row, skipped_total = 0, 0
+    nonfinite_in_row, skipped_total, unlabelled_steps = 0, 0, 0
+    unlabelled_samples = torch.zeros((), device=ctx.device)  # samples with nothing to learn, this rank
     t0, tokens_since, wait_s = time.time(), 0, 0.0
     nonpad_since = torch.zeros((), device=ctx.device, dtype=torch.long)
     run_t0, run_start_step = t0, state["step"]
@@ -505,10 +625,15 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
             for g in optimizer.param_groups:
                 g["lr"] = lr
             bad = torch.zeros((), device=ctx.device)
+            targets = torch.zeros((), device=ctx.device)  # labelled positions in this step's batches
             for micro in range(args.accumulation_steps):
                 t_wait = time.time()
-                batch = to_device(next(it), ctx.device)
+                batch, n_unlabelled = next(it)
+                batch = to_device(batch, ctx.device)
                 wait_s += time.time() - t_wait
+                unlabelled_samples += n_unlabelled
+                n_targets = batch_targets(batch)
+                targets += 1 if n_targets is None else n_targets
                 last = micro == args.accumulation_steps - 1
                 # Gradients are all-reduced only on the last micro-batch of an accumulation.
                 sync = ddp_model.no_sync() if (ctx.ddp and not last) else contextlib.nullcontext()
@@ -523,8 +648,10 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 micro_count += 1
                 tokens_since += batch_tokens(batch)
                 nonpad_since += batch_nonpad_tokens(batch)
-            # One host sync per optimizer step: all ranks agree whether this step's loss was finite.
-            if ctx.all_reduce_max(bad).item() > 0:
+            # One host sync per optimizer step: all ranks agree whether the loss was finite everywhere and
+            # whether any rank had a labelled token to learn from.
+            nonfinite, learnable = ctx.all_reduce_max(torch.stack([bad, (targets > 0).float()])).tolist()
+            if nonfinite > 0:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_in_row += 1
                 skipped_total += 1
@@ -532,14 +659,12 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 if nonfinite_in_row >= args.max_nonfinite:
                     raise UserError(f"loss was NaN/inf for {nonfinite_in_row} optimizer steps in a row; lower --learning_rate, "
                                     f"try --dtype bfloat16 or float32, or check the data")
+            elif learnable == 0:  # a zero gradient would still move the weights (AdamW momentum, weight decay)
+                optimizer.zero_grad(set_to_none=True)
+                unlabelled_steps += 1
             else:
                 nonfinite_in_row = 0
-                if args.grad_clip > 0:
-                    ctx.scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                ctx.scaler.step(optimizer)
-                ctx.scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                state["optimizer_steps"] += take_optimizer_step(optimizer, ctx.scaler, params, args.grad_clip)
             state["step"] += 1
             state["epoch"] = state["step"] // steps_per_epoch
 
@@ -561,6 +686,8 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                     record["mfu"] = round(tok_s * fpt / (peak * ctx.world), 4)
                 if skipped_total:
                     record["skipped_steps"] = skipped_total
+                if unlabelled_steps:
+                    record["unlabelled_steps"] = unlabelled_steps
                 rate = (step - run_start_step) / max(time.time() - run_t0, 1e-9)
                 record["eta_s"] = round((total_steps - step) / max(rate, 1e-9), 1)
                 if ctx.cuda:
@@ -577,6 +704,18 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
                 break
         if stopped_early:
             break
+    n_unlabelled = round(ctx.all_reduce_mean(unlabelled_samples).item() * ctx.world)
+    if n_unlabelled:
+        what = "skipped (--skip_bad_lines)" if args.skip_bad_lines else \
+            "they added nothing to the loss (--skip_bad_lines 1 leaves them out of their batches)"
+        ctx.print(f"note: {n_unlabelled} sample(s) read (each epoch counts) had no labelled token within --max_seq_len "
+                  f"{args.max_seq_len}; {what}")
+    if state["optimizer_steps"] == 0:
+        logger.finish()
+        causes = [f"{skipped_total} with a non-finite loss (lower --learning_rate)"] if skipped_total else []
+        causes += [f"{unlabelled_steps} with no labelled token (raise --max_seq_len)"] if unlabelled_steps else []
+        raise UserError(f"no optimizer step was taken in {state['step']} step(s): {', '.join(causes) or 'all skipped'}; "
+                        f"no weight file was written (an existing one is unchanged)")
     save()
     logger.finish()
     if stopped_early:

@@ -25,9 +25,11 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: the tool-use data runs the real tools of trainer/tools.py
+if ROOT not in sys.path:  # run as `python dataset/build_demo_data.py`
     sys.path.insert(0, ROOT)
-from trainer.tools import TOOLS, run_tool_call  # noqa: E402
+
+from trainer.cli import ArgumentParser, nonneg_int, run_main, seed_int  # noqa: E402
+from trainer.tools import TOOLS, run_tool_call  # noqa: E402  (the tool-use data runs the real tools)
 
 DEFAULT_OUT = os.path.join(ROOT, "dataset", "demo")
 SIZES = dict(  # default line counts; each is a --flag
@@ -883,16 +885,16 @@ def ensure_demo_data(out_dir=DEFAULT_OUT, **kwargs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=DEFAULT_OUT)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed_int, default=42)
     p.add_argument("--only", nargs="+", choices=list(FILES), help="build only these stages")
     p.add_argument("--if_missing", action="store_true", help="do nothing when every file already exists")
-    p.add_argument("--pretrain_zh_chars", type=int, default=600_000,
+    p.add_argument("--pretrain_zh_chars", type=nonneg_int, default=600_000,
                    help="Chinese characters of People's Daily to use (0 = all, ~1.8M)")
-    p.add_argument("--pretrain_en_chars", type=int, default=0, help="English characters to use (0 = all, ~0.2M)")
+    p.add_argument("--pretrain_en_chars", type=nonneg_int, default=0, help="English characters to use (0 = all, ~0.2M)")
     for k, v in SIZES.items():
-        p.add_argument(f"--{k}", type=int, default=v, help=f"lines (default {v})")
+        p.add_argument(f"--{k}", type=nonneg_int, default=v, help=f"lines (default {v})")
     args = p.parse_args(argv)
     if args.if_missing and not missing_files(args.out_dir):
         print(f"{args.out_dir}: demo data already present")
@@ -902,4 +904,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -22,6 +22,7 @@ DataFormatError "path:LINE: problem. fix hint" (or is skipped and counted with s
 """
 import json
 import os
+import re
 import sys
 from array import array
 
@@ -29,15 +30,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from trainer.cli import UserError, brief, is_first_rank
+
 IGNORE_INDEX = -100
 REPO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: lines with lone surrogate escapes are bad
 CACHE_MIN_BYTES = 64 << 20  # "auto" caches the line index only for files this big; small files index in ms
 SKIP_HINT = "Fix the line or pass --skip_bad_lines to skip bad lines."
 EXTRA_HINT = "Remove them from the data, or pass --skip_bad_lines to skip such lines."
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """Bad training data. The message is one line: `path:LINE: problem. fix hint`."""
 
 
@@ -49,7 +52,11 @@ def load_tokenizer(path="model"):
         raise FileNotFoundError(f"{path}: no tokenizer here (need tokenizer.json + tokenizer_config.json). "
                                 "Train one with `python train_tokenizer.py` or pass the right directory.")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json / tokenizer_config.json, whatever the library says
+        raise UserError(f"{path}: cannot load the tokenizer ({brief(e)}); restore its "
+                        f"tokenizer.json / tokenizer_config.json, or train one with `python train_tokenizer.py`") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +74,7 @@ STAGE_OF_KEY = {  # a key that identifies a stage's file -> (what it looks like,
 def wrong_stage(obj, expected, key):
     """A missing key; if the line fits another stage, say so (the usual cause is passing the wrong file)."""
     for k, (looks, script) in STAGE_OF_KEY.items():
-        if k in obj and k != key:
+        if k in obj and k != key and looks != expected:  # a DPO line without "rejected" is not "like DPO data"
             return (f'no "{key}" key: this line looks like {looks}, not {expected}',
                     f"Use this file with {script}, or pass a file of {expected}.")
     keys = ", ".join(f'"{k}"' for k in list(obj)[:5]) or "none"
@@ -225,11 +232,30 @@ def parse_line(raw):
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except json.JSONDecodeError as e:  # some messages end in "at" ("Unterminated string starting at")
+        raise ValueError(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    if SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):  # valid JSON, but no tokenizer can encode it
+        raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff), not valid Unicode text")
     return obj
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(x):
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")  # an escaped surrogate *pair* was joined into one character by json.loads
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(x, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in x.items())
+    if isinstance(x, list):
+        return any(_has_lone_surrogate(v) for v in x)
+    return False
 
 
 def scan(path, check, skip_bad_lines):
@@ -303,12 +329,14 @@ class JsonlDataset(Dataset):
             raise FileNotFoundError(f"{path}: data file not found")
         self.path, self.tokenizer, self.max_length = path, tokenizer, max_length
         self.offsets, self.skipped, first_error = cached_scan(path, self.kind, type(self).check, skip_bad_lines, cache_index)
+        if first_error:  # the summary must not tell the user to pass the --skip_bad_lines they passed
+            first_error = first_error.replace(f" {SKIP_HINT}", "")
         if len(self.offsets) == 0:
             if self.skipped:
                 raise DataFormatError(f"{path}:1: all {self.skipped} non-blank lines are bad; first: {first_error}")
             raise DataFormatError(f"{path}:1: no records (the file is empty or blank). Pass a {self.kind} jsonl file with at least one line.")
-        if self.skipped:
-            print(f"warning: {path}: skipped {self.skipped} bad line(s); first: {first_error}", file=sys.stderr)
+        if self.skipped and is_first_rank():
+            print(f"warning: {path}: skipped {self.skipped} bad line(s) (--skip_bad_lines); first: {first_error}", file=sys.stderr)
         self._fh, self._pid = None, None
 
     def __len__(self):
@@ -321,6 +349,17 @@ class JsonlDataset(Dataset):
         self._fh.seek(int(self.offsets[i]))
         return json.loads(self._fh.readline())
 
+    def where(self, i):
+        """"path:LINE" of sample i, for messages (reads the file up to it: call it for a few samples only)."""
+        line, left = 1, int(self.offsets[i])
+        with open(self.path, "rb") as f:
+            while left > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                line, left = line + chunk.count(b"\n"), left - len(chunk)
+        return f"{self.path}:{line}"
+
     def __getstate__(self):  # picklable for spawn-started workers; each reopens its own handle
         return {**self.__dict__, "_fh": None, "_pid": None}
 
@@ -332,14 +371,8 @@ class JsonlDataset(Dataset):
         try:
             return encode_chat(self.tokenizer, messages, self.max_length, tools)
         except Exception as e:  # noqa: BLE001 - a Jinja error in a user's template, or ChatTemplateError
-            raise DataFormatError(f"{self.path}:{self.line_number(i)}: the chat template of the tokenizer cannot "
-                                  f"render this conversation ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                                  f"Check --tokenizer_path, or fix the line") from None
-
-    def line_number(self, i):
-        """1-based line of sample i (counts newlines up to its offset: for error messages only)."""
-        with open(self.path, "rb") as f:
-            return f.read(int(self.offsets[i])).count(b"\n") + 1
+            raise DataFormatError(f"{self.where(i)}: the chat template of the tokenizer cannot render this "
+                                  f"conversation ({brief(e)}). Check --tokenizer_path, or fix the line") from None
 
 
 class PretrainDataset(JsonlDataset):

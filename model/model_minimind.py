@@ -94,22 +94,45 @@ class MiniMindConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
+        self.check()  # before transformers' own validators, which fail on wrong types with less clear errors
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-        self.check()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     def check(self):
-        """Clear errors for configs that would otherwise fail deep inside a matmul."""
+        """Clear errors for configs that would otherwise fail deep inside a matmul (a hand-edited or foreign
+        config .json can hold anything: strings, floats, negative sizes)."""
         def bad(field, why):
-            raise ValueError(f"MiniMindConfig.{field}={getattr(self, field)}: {why}")
+            raise ValueError(f"MiniMindConfig.{field}={getattr(self, field)!r}: {why}")
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "intermediate_size", "vocab_size"):
-            if getattr(self, field) <= 0:
+                      "intermediate_size", "vocab_size", "max_position_embeddings", "num_experts_per_tok",
+                      "n_routed_experts", "n_shared_experts"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                bad(field, "must be an integer")
+            if value <= 0 and field != "n_shared_experts":
                 bad(field, "must be positive")
+            if value < 0:
+                bad(field, "must not be negative")
+        for field, low in (("rms_norm_eps", 0.0), ("rope_theta", 0.0), ("dropout", None), ("initializer_range", None),
+                           ("aux_loss_alpha", None)):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                bad(field, "must be a finite number")
+            if (low is not None and value <= low) or value < 0:
+                bad(field, "must be positive" if low is not None else "must not be negative")
+        if self.dropout >= 1:
+            bad("dropout", "must be below 1")
+        for field in ("use_moe", "flash_attn", "seq_aux", "norm_topk_prob", "inference_rope_scaling"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be true or false")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' is supported")
+        if self.yarn_scaling is not None and not isinstance(self.yarn_scaling, dict):
+            bad("yarn_scaling", "must be an object of YaRN settings or null")
         if self.hidden_size % self.num_attention_heads:
             bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
         if self.head_dim % 2:
@@ -501,9 +524,12 @@ def sample_next_token(logits, seen_ids, temperature=0.85, top_p=0.85, top_k=0, r
         idx = torch.tensor(sorted(set(seen_ids)), device=logits.device)
         prev = logits[idx]
         logits[idx] = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)  # extreme penalties
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # Shifted so the largest logit is 0 and divided in float64: a tiny temperature then drives the others
+    # to -inf (greedy in the limit) instead of overflowing them all to inf, whose softmax is NaN.
+    logits = ((logits - logits.max()).double() / temperature).float()
     if top_k and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

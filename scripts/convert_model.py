@@ -28,8 +28,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, load_weights, lora_weight_path,  # noqa: E402
-                           run_main, save_weights, weight_path)
+from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, brief, load_weights,  # noqa: E402
+                           lora_weight_path, plain_name, positive_int, read_json_file, run_main, save_weights, weight_path)
+from trainer.file_io import describe_os_error  # noqa: E402
 
 MODEL_FILE = os.path.join(ROOT, "model", "model_minimind.py")
 GENERATION_DEFAULTS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.85, top_p=0.85)
@@ -45,13 +46,13 @@ def add_model_args(p, weight_help):
     g.add_argument("--out_dir", default="out", help="folder with the stage weight files")
     g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODEL_MODES),
                    help="0 pretrain, 1 full_sft, 2 rlhf, 3 reason: picks {out_dir}/{stage}_{dim}[_moe].pth")
-    g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512, help="hidden size")
-    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8,
+    g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512, help="hidden size")
+    g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=positive_int, default=8,
                    help="Transformer blocks (only used for a .pth without its .json)")
-    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=int, default=8)
-    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=2)
+    g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=positive_int, default=8)
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=positive_int, default=2)
     add_bool(g, "--use_moe", help="mixture-of-experts model (picks the *_moe.pth file)")
-    g.add_argument("--lora_name", default=None, help="merge the adapter {out_dir}/lora/{lora_name}_{dim}.pth into the weights")
+    g.add_argument("--lora_name", type=plain_name, default=None, help="merge the adapter {out_dir}/lora/{lora_name}_{dim}.pth into the weights")
     g.add_argument("--lora_path", default=None, help="merge this adapter file (instead of --lora_name)")
     g.add_argument("--tokenizer_path", default=os.path.join(ROOT, "model"), help="folder with tokenizer.json / tokenizer_config.json")
     return g
@@ -90,10 +91,7 @@ def load_native(args):
         if not os.path.exists(lpath):
             raise UserError(f"LoRA adapter {lpath} not found: run train_lora.py --lora_name {args.lora_name or '...'} first "
                             f"(or check --lora_name/--lora_path and --out_dir)")
-        try:
-            load_lora(model, lpath)
-        except (RuntimeError, OSError, EOFError) as e:  # not a torch file at all
-            raise UserError(f"{lpath}: cannot read LoRA adapter ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        load_lora(model, lpath)
         merge_lora(model)
         remove_lora(model)  # the adapter now lives in the base weights
         name += "_" + os.path.basename(lpath)[:-len(".pth")]
@@ -112,12 +110,14 @@ def export_transformers(model: MiniMindForCausalLM, save_dir, tokenizer_path, dt
 
     Written into a temporary folder beside save_dir and renamed at the end, so a failed export never
     leaves half a model behind."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    from dataset.lm_dataset import load_tokenizer
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
         raise UserError(f"--save_dir {save_dir} exists and is not empty; choose another folder or pass --overwrite 1")
     if not os.path.exists(os.path.join(tokenizer_path, "tokenizer.json")):
         raise UserError(f"{tokenizer_path}/tokenizer.json not found: run train_tokenizer.py or point --tokenizer_path at the tokenizer folder")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     parent = os.path.dirname(os.path.abspath(save_dir))
@@ -145,9 +145,20 @@ def export_transformers(model: MiniMindForCausalLM, save_dir, tokenizer_path, dt
         out.save_pretrained(tmp, safe_serialization=True)
         GenerationConfig(**GENERATION_DEFAULTS).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # The old folder steps aside (a rename) and is deleted only once the new one is in its place.
+        old = f"{tmp}.old"
         if os.path.exists(save_dir):
-            shutil.rmtree(save_dir)
+            os.rename(save_dir, old)
         os.replace(tmp, save_dir)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    except OSError as e:  # a full disk or no permission while writing: the previous export is untouched
+        raise UserError(describe_os_error(e, e.filename or save_dir, writing=True)) from None
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"--save_dir {save_dir}: writing the export failed ({brief(e)}); check the free space there "
+                        f"(the previous export, if any, is untouched)") from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
@@ -230,11 +241,7 @@ def load_transformers_dir(model_dir) -> MiniMindForCausalLM:
         raise UserError(f"--model_path {model_dir} not found (a transformers folder with config.json and weights)")
     if not os.path.exists(cfg_path):
         raise UserError(f"{cfg_path} not found: --model_path must be a transformers model folder")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json_file(cfg_path, "transformers config", "restore the folder's config.json, or export it again")
     config = minimind_config_from_hf(cfg, cfg_path)
     sd = {k.removeprefix("module."): v for k, v in read_hf_state_dict(model_dir).items()}
     model = MiniMindForCausalLM(config)
@@ -256,7 +263,7 @@ def load_transformers_dir(model_dir) -> MiniMindForCausalLM:
 # Command line
 # ----------------------------------------------------------------------------------------------------
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, weight_help="the native .pth (its .json beside it): read when exporting, written with --to_native "
                                   "(default: picked by --model_mode/--out_dir/--dim/--use_moe)")
     g = p.add_argument_group("transformers side")

@@ -19,6 +19,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from trainer.cli import ArgumentParser, UserError, device_name, run_main  # noqa: E402
+
 DATA = os.path.join(ROOT, "dataset", "demo")
 ASSISTANT_NAME = ["MiniMind"]
 LORA_NAME = ["小星", "XiaoXing"]
@@ -55,7 +57,7 @@ def stage(script, *flags, log):
     for line in proc.stdout:
         print("   ", line.rstrip(), flush=True)
     if proc.wait() != 0:
-        raise SystemExit(f"{script} failed (exit {proc.returncode})")
+        raise UserError(f"{script} failed (exit {proc.returncode}); its output is above")
     log[script] = round(time.time() - t0, 1)
 
 
@@ -85,9 +87,9 @@ def plot_curves(out_dir, path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default="out/demo")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip_training", action="store_true", help="only evaluate checkpoints already in --out_dir")
     args = ap.parse_args()
     out = os.path.abspath(args.out_dir)
@@ -196,4 +198,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,7 +12,9 @@ Then any OpenAI client talks to it:
     r = client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": "你好"}])
 
 Endpoints: POST /v1/chat/completions (messages, temperature, top_p, max_tokens, stream, seed; extensions
-top_k, repetition_penalty), GET /v1/models. temperature 0 is greedy. A reply that starts with <think>
+top_k, repetition_penalty), GET /v1/models. Every invalid field is a 400 with an OpenAI-style error body;
+OpenAI options this server does not implement (stop, logprobs, penalties, logit_bias, response_format) are
+accepted at their "off" values only, never silently ignored. temperature 0 is greedy. A reply that starts with <think>
 (the reasoning model) puts the thinking in `reasoning_content` and the rest, with the <answer> tags
 removed, in `content`. Prompts longer than max_seq_len - max_tokens keep the system message and the most
 recent messages that fit. There is no authentication: keep the default --host 127.0.0.1 unless the
@@ -40,27 +42,50 @@ import torch  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+from dataset.lm_dataset import load_tokenizer  # noqa: E402
 from model.model_minimind import stream_text  # noqa: E402
 from scripts.convert_model import add_model_args, load_native, load_transformers_dir  # noqa: E402
-from trainer_utils import UserError, add_bool, run_main  # noqa: E402
+from trainer_utils import (ArgumentParser, UserError, add_bool, device_name, float_in, int_in, port_int,  # noqa: E402
+                           positive_int, run_main)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Request schema. Numbers are strict: "0.7" (a string) for temperature is an error, not a float.
+# Request schema. Every field has its type and range here, so a bad value is a 400 before any work.
+# Numbers are strict ("0.7", a string, is not a temperature) and finite (no NaN / Infinity).
 # ----------------------------------------------------------------------------------------------------
+def unicode_text(text):
+    """JSON can carry a lone surrogate ("\\ud800"); no tokenizer can encode one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text (a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1})") from None
+    return text
+
+
+def finite_float(**bounds):
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
+
+    _valid_text = field_validator("text")(unicode_text)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, v):
+        return unicode_text(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -74,16 +99,36 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(strict=True, gt=0, le=1)] | None = None
+    temperature: finite_float(ge=0, le=2) | None = None
+    top_p: finite_float(gt=0, le=1) | None = None
     max_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None
-    seed: Annotated[int, Field(strict=True)] | None = None
+    seed: Annotated[int, Field(strict=True, ge=-2**63, le=2**64 - 1)] | None = None  # what a torch generator takes
     n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
     top_k: Annotated[int, Field(strict=True, ge=0)] | None = None  # extension
-    repetition_penalty: Annotated[float, Field(strict=True, gt=0)] | None = None  # extension
+    repetition_penalty: finite_float(gt=0) | None = None  # extension
+    user: str | None = None  # accepted and unused, as OpenAI's own servers use it only for abuse tracking
+    # OpenAI options not implemented here: typed, so a malformed value is a 400, and refused unless "off"
+    stop: str | list[str] | None = None
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    presence_penalty: finite_float(ge=-2, le=2) | None = None
+    frequency_penalty: finite_float(ge=-2, le=2) | None = None
+    logit_bias: dict[str, finite_float(ge=-100, le=100)] | None = None
+    response_format: dict | None = None
+
+
+NOT_IMPLEMENTED = {  # field -> (is it off?, what to say)
+    "stop": (lambda v: not v, "stop sequences are not supported by this server; leave stop out"),
+    "logprobs": (lambda v: not v, "logprobs are not supported by this server"),
+    "top_logprobs": (lambda v: not v, "logprobs are not supported by this server"),
+    "presence_penalty": (lambda v: not v, "presence_penalty is not supported; use repetition_penalty (> 1 discourages repeats)"),
+    "frequency_penalty": (lambda v: not v, "frequency_penalty is not supported; use repetition_penalty (> 1 discourages repeats)"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported by this server"),
+    "response_format": (lambda v: not v or v == {"type": "text"}, "only response_format {\"type\": \"text\"} is supported"),
+}
 
 
 class BadRequest(Exception):
@@ -94,6 +139,27 @@ class BadRequest(Exception):
 
 def error_body(message, type_="invalid_request_error", param=None, code=None):
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _is_union_branch(part):  # pydantic names the member of a union that failed: "str", "list[TextPart]"
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part)
+
+
+def validation_message(errors):
+    """(param, message, type) for pydantic's errors: the deepest field that failed (for a union, the member the
+    value was meant to be), named like OpenAI does ("messages.0.content")."""
+    if not errors:
+        return None, "invalid request", ""
+    def param_of(err):
+        return ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_branch(x)) or None
+    deepest = max(errors, key=lambda e: len(param_of(e) or ""))
+    param, kind = param_of(deepest), deepest.get("type", "")
+    if kind == "json_invalid":  # its loc is a character offset
+        return None, f"request body is not valid JSON ({deepest.get('ctx', {}).get('error', deepest['msg'])})", kind
+    if not param and kind in ("model_attributes_type", "dict_type"):
+        return None, "request body must be a JSON object (sent with Content-Type: application/json)", kind
+    msgs = list(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if param_of(e) == param))
+    return param, f"{param or 'request body'}: {' or '.join(msgs)}", kind
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,11 +310,15 @@ class Engine:
 
     def prepare(self, req: ChatRequest):
         """Validate a request against this server. Returns the generation settings."""
+        for field, (is_off, message) in NOT_IMPLEMENTED.items():
+            if not is_off(getattr(req, field)):
+                raise BadRequest(message, field, "unsupported_parameter")
+        which = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = min(self.default_max_tokens, self.max_seq_len // 2)
         elif max_tokens >= self.max_seq_len:
-            raise BadRequest(f"max_tokens {max_tokens} must be less than the server's max_seq_len {self.max_seq_len}", "max_tokens")
+            raise BadRequest(f"{which} {max_tokens} must be less than the server's max_seq_len {self.max_seq_len}", which)
         ids = self.prompt_ids(req.messages, max_tokens)
         seed = req.seed if req.seed is not None else random.getrandbits(63)
         return dict(ids=ids, max_tokens=max_tokens, seed=seed,
@@ -300,16 +370,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):  # FastAPI's default is a 422 in its own format
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        if err.get("type") == "json_invalid":
-            param = None  # its loc is a character offset
-            message = f"request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})"
-        elif param:
-            message = f"{param}: {err['msg']}"
-        else:
-            message = f"request body: {err['msg']}"
+        param, message, _ = validation_message(exc.errors())
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(BadRequest)
@@ -320,6 +381,10 @@ def create_app(engine: Engine) -> FastAPI:
     async def _http_error(request, exc):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, exc):  # a bug, not the client's fault: still an OpenAI-style body
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
     @app.get("/v1/models")
     async def list_models():
@@ -381,19 +446,19 @@ def sse_events(engine, job, rid, created, include_usage):
 # Command line
 # ----------------------------------------------------------------------------------------------------
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, weight_help="a native .pth to serve (default: picked by --model_mode/--out_dir/--dim/--use_moe)")
     p.add_argument("--model_path", default=None, help="serve a transformers folder (Llama or MiniMind, e.g. from convert_model.py) instead")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface; there is no authentication)")
-    g.add_argument("--port", type=int, default=8998)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--port", type=port_int, default=8998)
+    g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    g.add_argument("--max_seq_len", type=int, default=8192, help="prompt + reply token budget per request")
-    g.add_argument("--max_tokens", type=int, default=512, help="reply length when a request does not say")
-    g.add_argument("--temperature", type=float, default=0.85, help="default when a request does not say")
-    g.add_argument("--top_p", type=float, default=0.85, help="default when a request does not say")
+    g.add_argument("--max_seq_len", type=int_in(2), default=8192, help="prompt + reply token budget per request")
+    g.add_argument("--max_tokens", type=positive_int, default=512, help="reply length when a request does not say")
+    g.add_argument("--temperature", type=float_in(0, 2), default=0.85, help="default when a request does not say")
+    g.add_argument("--top_p", type=float_in(0, 1, lo_open=True), default=0.85, help="default when a request does not say")
     g.add_argument("--served_model_name", default=None, help="model id reported by /v1/models and in replies")
     add_bool(g, "--raw_prompt", default=None, help="continue the last user message as plain text, no chat template "
                                                    "(default: on for a pretrain checkpoint)")
@@ -401,7 +466,6 @@ def build_parser():
 
 
 def load_engine(args):
-    from transformers import AutoTokenizer
     if args.model_path:
         if args.weight or args.lora_path or (args.lora_name and args.lora_name != "None"):
             raise UserError("--model_path serves a transformers folder as it is; drop --weight/--lora_name/--lora_path "
@@ -414,13 +478,11 @@ def load_engine(args):
         tok_dir = args.tokenizer_path
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         raise UserError(f"{tok_dir}/tokenizer.json not found: run train_tokenizer.py or point --tokenizer_path at the tokenizer folder")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
     model = model.to(args.device, getattr(torch, dtype)).eval()
-    if args.max_seq_len < 2:
-        raise UserError("--max_seq_len must be at least 2")
     raw = args.raw_prompt if args.raw_prompt is not None else name.startswith("pretrain")
     return Engine(model, tokenizer, args.served_model_name or f"minimind-{name}", torch.device(args.device),
                   args.max_seq_len, args.max_tokens, args.temperature, args.top_p, raw_prompt=raw)

@@ -181,12 +181,47 @@ def post(base, body, content_type="application/json"):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_SEQ_LEN}, "max_tokens"),
     ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, "seed"),               # not a 64-bit seed
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -2**63 - 1}, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, "temperature"),  # NaN / Infinity literals
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),           # a lone surrogate
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages.0.content.0.text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),               # typed right, not implemented
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_SEQ_LEN}, "max_completion_tokens"),
+    ([{"role": "user", "content": "hi"}], None),                                              # not an object
 ])
 def test_invalid_requests_get_400_with_openai_error(server, body, param):
     status, err = post(server["base"], body)
     assert status == 400, err
     assert err["error"]["type"] == "invalid_request_error" and isinstance(err["error"]["message"], str)
     assert err["error"]["param"] == param
+
+
+@pytest.mark.parametrize("body", [
+    {"temperature": 1e-300},  # so close to greedy that a plain logits / temperature overflows to NaN
+    {"temperature": 0.5, "repetition_penalty": 1e-300},
+    {"seed": 2**64 - 1, "temperature": 1.0},
+    {"stop": None, "logprobs": False, "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1"},  # "off" values
+])
+def test_extreme_but_valid_requests_are_answered(server, body):
+    status, r = post(server["base"], {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body})
+    assert status == 200, r
+    assert r["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_client_sees_400_for_a_seed_beyond_64_bits(client):
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=chat("hi"), seed=2**64)
+    assert e.value.status_code == 400 and e.value.body["param"] == "seed"
 
 
 def test_openai_client_sees_bad_request(client):

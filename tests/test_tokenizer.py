@@ -133,12 +133,9 @@ def test_shipped_tokenizer_is_what_the_documented_command_produces(tmp_path):
 CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
                                          "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
                                                         "required": ["expression"]}}}
-TOOLS_BLOCK = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-               "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-               + json.dumps(CALC, ensure_ascii=False) + "\n</tools>\n\n"
-               "For each function call, return a json object with function name and arguments within "
-               "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-               "<args-json-object>}\n</tool_call><|im_end|>\n")
+TOOLS_BLOCK = ("# Tools\n\nYou may call these functions:\n<tools>\n" + json.dumps(CALC, ensure_ascii=False) + "\n</tools>\n\n"
+               "To call one, reply with:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+               "</tool_call><|im_end|>\n")
 
 
 def test_template_renders_tools_into_the_system_turn(tok):
@@ -148,6 +145,9 @@ def test_template_renders_tools_into_the_system_turn(tok):
     with_system = [{"role": "system", "content": "你是助手。"}] + user
     assert (tok.apply_chat_template(with_system, tools=[CALC], tokenize=False)
             == "<|im_start|>system\n你是助手。\n\n" + TOOLS_BLOCK + "<|im_start|>user\n3*4?<|im_end|>\n")
+    empty_system = [{"role": "system", "content": ""}] + user  # MiniMind-3's tool lines: tools on an empty system message
+    assert (tok.apply_chat_template(empty_system, tools=[CALC], tokenize=False)
+            == tok.apply_chat_template(user, tools=[CALC], tokenize=False))
 
 
 def test_template_renders_tool_calls_and_grouped_tool_results(tok):

@@ -281,20 +281,23 @@ def test_unwritable_out_dir(data, tmp_path):
 
 
 def test_crash_mid_save_keeps_old_weight_file(tmp_path, monkeypatch):
+    """A save that dies half-way (here: torch.save raises after writing part of the file) leaves the previous
+    weights and their .json as they were. tests/test_errors.py does it for real: a full disk, a size limit."""
+    import errno
+
     import trainer_utils
     model = tiny_model()
     path = str(tmp_path / "pretrain_64.pth")
     trainer_utils.save_weights(model, path)
-    before = open(path, "rb").read()
+    before = open(path, "rb").read(), open(path[:-4] + ".json", "rb").read()
 
     def exploding_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(trainer_utils.torch, "save", exploding_save)
-    with pytest.raises(OSError):
+    with pytest.raises(trainer_utils.UserError, match="no space left"):
         trainer_utils.save_weights(tiny_model(seed=1), path)
-    assert open(path, "rb").read() == before
+    assert (open(path, "rb").read(), open(path[:-4] + ".json", "rb").read()) == before
     assert not any(".tmp" in f for f in os.listdir(tmp_path))
 
 

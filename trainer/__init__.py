@@ -1,0 +1,1 @@
+"""Small helper modules the scripts share, one job each (see each module's docstring)."""
