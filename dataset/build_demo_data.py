@@ -703,6 +703,7 @@ def build_tool_eval(rng, n_eval):
 # reasoning: arithmetic word problems with <think>/<answer>
 
 R1_EVAL_NUMBERS = {7, 13, 19, 23, 29, 37, 41, 47}  # a problem goes to eval iff it shows one of these
+THINKING_OFF_SHARE = 0.15  # training problems answered with thinking switched off (empty think block)
 NAMES_ZH = ["小明", "小红", "小刚", "小丽", "小华", "小军"]
 THINGS_ZH = [("苹果", "个"), ("铅笔", "支"), ("书", "本"), ("糖果", "颗"), ("贴纸", "张"), ("气球", "个")]
 NAMES_EN = ["Tom", "Anna", "Lily", "Jack", "Mia", "Sam"]
@@ -756,7 +757,13 @@ def word_problem(rng):
     return nums, q, steps, r
 
 
-def r1_record(q, steps, r):
+def r1_record(q, steps, r, thinking=True):
+    """MiniMind2's r1 format (the think part inside the content); thinking=False is a thinking-off sample in
+    MiniMind-3's fields: empty reasoning_content, which the chat template renders as the empty think block that
+    enable_thinking=False pre-fills, so the model learns to answer right after it."""
+    if not thinking:
+        return {"conversations": [msg("user", q), {"role": "assistant", "content": f"<answer>\n{r}\n</answer>",
+                                                    "reasoning_content": ""}]}
     answer = "<think>\n" + "\n".join(steps) + "\n</think>\n<answer>\n" + str(r) + "\n</answer>"
     return {"conversations": [msg("user", q), msg("assistant", answer)]}
 
@@ -774,7 +781,7 @@ def build_r1(rng, n, n_eval):
             if len(evals) < n_eval:
                 evals.append(r1_record(q, steps, r))
         elif len(train) < n:
-            train.append(r1_record(q, steps, r))
+            train.append(r1_record(q, steps, r, thinking=rng.random() >= THINKING_OFF_SHARE))
     return train, evals
 
 

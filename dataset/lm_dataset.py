@@ -394,8 +394,12 @@ class ChatTemplateError(ValueError):
 
 
 # Generation prompts to try, in order, when finding where an assistant turn starts: plain, then thinking
-# on, then off (MiniMind-3's template pre-fills an empty think block unless `open_thinking` is set).
-GENERATION_PROMPTS = ({}, {"enable_thinking": True, "open_thinking": True}, {"enable_thinking": False, "open_thinking": False})
+# on, then off (MiniMind-3's template pre-fills an empty think block unless `open_thinking` is set). A turn
+# whose reasoning_content is empty is a thinking-off turn: its empty think block belongs to the prompt (what
+# enable_thinking=False pre-fills), so the model learns to answer after it, not to skip thinking on its own.
+THINKING_ON, THINKING_OFF = {"enable_thinking": True, "open_thinking": True}, {"enable_thinking": False, "open_thinking": False}
+GENERATION_PROMPTS = ({}, THINKING_ON, THINKING_OFF)
+THINKING_OFF_FIRST = (THINKING_OFF, {}, THINKING_ON)
 
 
 def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, **template_kwargs):
@@ -427,7 +431,7 @@ def encode_chat(tokenizer, messages, max_length=None, tools=None):
             continue
         turn = render_chat(tokenizer, messages[:i + 1], tools)
         prompt = None
-        for kwargs in GENERATION_PROMPTS:
+        for kwargs in THINKING_OFF_FIRST if m.get("reasoning_content") == "" else GENERATION_PROMPTS:
             candidate = render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True, **kwargs)
             if turn.startswith(candidate):
                 prompt = candidate

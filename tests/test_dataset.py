@@ -292,7 +292,9 @@ def test_training_prompt_equals_inference_prompt(tok, tmp_path, template):
         turns = [j for j, m in enumerate(c) if m["role"] == "assistant"]
         assert len(starts) == len(turns)
         for start, j in zip(starts, turns):
-            kw = {"open_thinking": True, "enable_thinking": True} if template and c[j].get("reasoning_content") else {}
+            rc = c[j].get("reasoning_content")
+            kw = ({"open_thinking": False, "enable_thinking": False} if rc == "" else
+                  {"open_thinking": True, "enable_thinking": True} if rc and template else {})
             prompt = t.apply_chat_template(c[:j], tokenize=True, add_generation_prompt=True, return_dict=False, **kw)
             assert ids[:start].tolist() == prompt
         if template == DEFAULT_SYSTEM_TEMPLATE and c[0]["role"] != "system":
@@ -336,3 +338,12 @@ def test_rl_prompt_files_and_unused_fields_are_refused_by_sft(tok, tmp_path, lin
 def test_dpo_refuses_unused_fields(tok, tmp_path):
     with pytest.raises(DataFormatError, match=r':1: field\(s\) "score" beside "chosen" and "rejected"'):
         DPODataset(write(tmp_path, [{"chosen": REASON, "rejected": REASON, "score": 1}]), tok)
+
+
+def test_thinking_off_turn_learns_the_answer_after_the_prefilled_empty_think_block(tok, tmp_path):
+    conv = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<answer>\n2\n</answer>", "reasoning_content": ""}]
+    ids, labels = SFTDataset(write(tmp_path, [{"conversations": conv}]), tok)[0]
+    assert labelled_spans(tok, ids, labels) == ["<answer>\n2\n</answer><|im_end|>"]
+    start = next(i for i, l in enumerate(labels.tolist()) if l != -100)
+    assert ids[:start].tolist() == tok.apply_chat_template(conv[:1], add_generation_prompt=True, enable_thinking=False,
+                                                           tokenize=True, return_dict=False)

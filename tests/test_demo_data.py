@@ -121,8 +121,14 @@ R1 = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(-?\d+)\n</answer>", re.S)
 
 
 def test_reasoning_template_and_answers(small):
+    thinking_off = 0
     for name, want_reserved in (("r1_mix_1024.jsonl", False), ("r1_eval.jsonl", True)):
         for r in read(small, name):
+            last = r["conversations"][-1]
+            if last.get("reasoning_content") == "":  # a thinking-off sample: no steps, just the answer
+                assert name == "r1_mix_1024.jsonl" and re.fullmatch(r"<answer>\n-?\d+\n</answer>", last["content"])
+                thinking_off += 1
+                continue
             m = R1.fullmatch(reply(r))
             assert m, reply(r)
             steps, answer = m[1], int(m[2])
@@ -133,6 +139,7 @@ def test_reasoning_template_and_answers(small):
             assert int(eqs[-1][3]) == answer
             numbers = {int(x) for x in re.findall(r"\d+", r["conversations"][0]["content"])}
             assert bool(numbers & B.R1_EVAL_NUMBERS) == want_reserved  # eval uses numbers never seen in training
+    assert 0.05 < thinking_off / len(read(small, "r1_mix_1024.jsonl")) < 0.3
 
 
 def test_medical_answers_are_short_and_cautious(small):
