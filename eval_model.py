@@ -26,8 +26,7 @@ import torch
 from dataset.lm_dataset import load_tokenizer, render_chat
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import LoRAError, load_lora
-from trainer.chat import THINK_PREFILL, chat_turn
-from trainer.tools import ToolError, select_tools
+from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
 from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, load_weights, lora_weight_path, run_main,
                            weight_path)
 
@@ -121,12 +120,7 @@ def get_args(argv=None):
     add_bool(g, "--enable_thinking", default=None,
              help="1: the reply starts inside a pre-filled <think> block; 0: an empty think block is pre-filled, so the "
                   "model answers directly (default: neither; a reasoning model opens <think> itself)")
-
-    g = p.add_argument_group("tools")
-    g.add_argument("--tools", default=None, metavar="calculator,units,dates|all",
-                   help="offer these tools (trainer/tools.py) to the model and run the calls it makes (default: none)")
-    g.add_argument("--max_tool_rounds", type=int, default=4,
-                   help="the most times the model is given tool results and asked again per prompt (default 4)")
+    add_tool_args(p, "offered to the model; its calls run and the results go back to it")
 
     g = p.add_argument_group("input and output")
     g.add_argument("--prompt", action="append", default=[],
@@ -148,12 +142,7 @@ def chat_tools(args):
             if value is not None:
                 raise UserError(f"{flag} needs a chat model: the pretrain model (--model_mode 0) only continues text; "
                                 f"use --model_mode 1 or later")
-    if args.max_tool_rounds < 0:
-        raise UserError("--max_tool_rounds must be 0 or more")
-    try:
-        return select_tools(args.tools) if args.tools else {}
-    except ToolError as e:
-        raise UserError(f"--tools: {e}") from None
+    return tools_from_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------

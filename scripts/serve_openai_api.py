@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -61,8 +61,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 from dataset.lm_dataset import render_chat  # noqa: E402
 from model.model_minimind import count_parameters, stream_text  # noqa: E402
 from scripts.convert_model import add_model_args, load_native, load_transformers_dir  # noqa: E402
-from trainer.chat import chat_turn, is_well_formed_call, openai_tool_call  # noqa: E402
-from trainer.tools import ToolError, parse_tool_calls, select_tools  # noqa: E402
+from trainer.chat import add_tool_args, chat_turn, is_well_formed_call, openai_tool_call, tools_from_args  # noqa: E402
+from trainer.tools import parse_tool_calls  # noqa: E402
 from trainer_utils import UserError, add_bool, run_main  # noqa: E402
 
 
@@ -76,7 +76,7 @@ class TextPart(BaseModel):
 
 class FunctionCall(BaseModel):
     name: Annotated[str, Field(strict=True)]
-    arguments: Annotated[str, Field(strict=True)] | dict  # OpenAI sends a JSON string
+    arguments: Any  # OpenAI sends a JSON string; an object is taken too (checked in template_messages)
 
 
 class ToolCall(BaseModel):
@@ -137,7 +137,7 @@ class ChatRequest(BaseModel):
     top_k: Annotated[int, Field(strict=True, ge=0)] | None = None  # extension
     repetition_penalty: Annotated[float, Field(strict=True, gt=0)] | None = None  # extension
     tools: list[ToolSpec] | None = None
-    tool_choice: Annotated[str, Field(strict=True)] | dict | None = None  # "auto" or "none": checked in Engine.request_tools
+    tool_choice: Any = None  # "auto" or "none": checked in Engine.request_tools
     enable_thinking: Annotated[bool, Field(strict=True)] | None = None  # vLLM / Qwen3 spelling, also in chat_template_kwargs
     chat_template_kwargs: ChatTemplateKwargs | None = None
     server_tools: Annotated[bool, Field(strict=True)] = False  # extension: the chat page's mode (module docstring)
@@ -188,7 +188,6 @@ class ReplySplitter:
         self.reasoning = start == "think"
         self.tool_calls = tool_calls
         self.in_call = False  # inside a <tool_call> block: held until it closes
-        self.after_call = False
         self.buf = ""
         self.pending_ws = ""
         self.at_section_start = True
@@ -218,22 +217,11 @@ class ReplySplitter:
             self.pending_ws += text
 
     def _emit_plain(self, out, text):
-        """Verbatim content; with tool calls on, the blank text next to a block is held and dropped."""
-        if not self.tool_calls:
-            if text:
-                out.append(("content", text))
-            return
-        if self.after_call:
-            text = text.lstrip()
-            if not text:
-                return
-            self.after_call = False
-        body = text.rstrip()
-        if body:
-            out.append(("content", self.pending_ws + body))
-            self.pending_ws = text[len(body):]
-        else:
-            self.pending_ws += text
+        """Verbatim content; with tool calls on, the blank text next to a block is dropped."""
+        if self.tool_calls:
+            self._emit(out, "content", text)  # trims only after a block: a plain reply starts mid-section
+        elif text:
+            out.append(("content", text))
 
     def _emit_content(self, out, text):
         if self.state == "answer":
@@ -254,7 +242,7 @@ class ReplySplitter:
                     continue
                 if not final and self.THINK.startswith(head):  # may still become <think>
                     return out
-                self.state = "plain"
+                self.state, self.at_section_start = "plain", False
             elif self.state == "think":
                 i = self.buf.find(self.END_THINK)
                 if i >= 0:
@@ -273,7 +261,7 @@ class ReplySplitter:
                 end = len(self.buf) if i < 0 else i + len(self.END_CALL)  # an unclosed block at the end counts too
                 block, self.buf, self.in_call = self.CALL + self.buf[:end], self.buf[end:], False
                 out.append(("tool_call", parse_tool_calls(block)[1][0], block))
-                self.pending_ws, self.at_section_start, self.after_call = "", True, True
+                self._section()  # the blank after a block is dropped
             else:  # plain or answer: content, with <tool_call> blocks cut out
                 i = self.buf.find(self.CALL) if self.tool_calls else -1
                 if i >= 0:
@@ -342,6 +330,10 @@ def template_messages(messages):
                 msg["reasoning_content"] = m.reasoning_content
             if m.tool_calls:
                 ids = [c.id for c in m.tool_calls]
+                for k, c in enumerate(m.tool_calls):
+                    if not isinstance(c.function.arguments, (str, dict)):
+                        param = f"{where}.tool_calls.{k}.function.arguments"
+                        raise BadRequest(f"{param}: the arguments must be a JSON string (or an object)", param)
                 if len(set(ids)) < len(ids):
                     raise BadRequest(f"{where}.tool_calls: two calls share the id {ids[0]!r}", f"{where}.tool_calls")
                 msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
@@ -709,11 +701,7 @@ def build_parser():
     g.add_argument("--served_model_name", default=None, help="model id reported by /v1/models and in replies")
     add_bool(g, "--raw_prompt", default=None, help="continue the last user message as plain text, no chat template "
                                                    "(default: on for a pretrain checkpoint)")
-    g = p.add_argument_group("tools (run by the server for the web page; API clients run their own)")
-    g.add_argument("--tools", default=None, metavar="calculator,units,dates|all",
-                   help="tools the server runs for requests with server_tools: true (the chat page sends it); default none")
-    g.add_argument("--max_tool_rounds", type=int, default=4,
-                   help="the most times the model is given tool results and asked again per message (default 4)")
+    add_tool_args(p, "the server runs for requests with server_tools: true (the chat page sends it; API clients run their own)")
     return p
 
 
@@ -749,14 +737,9 @@ def load_engine(args):
     if args.max_seq_len < 2:
         raise UserError("--max_seq_len must be at least 2")
     raw = args.raw_prompt if args.raw_prompt is not None else name.startswith("pretrain")
-    try:
-        tools = select_tools(args.tools) if args.tools else {}
-    except ToolError as e:
-        raise UserError(f"--tools: {e}") from None
+    tools = tools_from_args(args)
     if tools and raw:
         raise UserError("--tools needs a chat model: this one continues plain text (a pretrain checkpoint or --raw_prompt 1)")
-    if args.max_tool_rounds < 0:
-        raise UserError("--max_tool_rounds must be 0 or more")
     return Engine(model, tokenizer, args.served_model_name or f"minimind-{name}", torch.device(args.device),
                   args.max_seq_len, args.max_tokens, args.temperature, args.top_p, raw_prompt=raw,
                   tools=tools, max_tool_rounds=args.max_tool_rounds,

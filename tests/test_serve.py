@@ -407,6 +407,10 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "
     ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [{"type": "function",
       "function": CALL["function"]}]}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}]}, "messages.1.tool_calls.0.id"),
     ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": []}]}, "messages.1.tool_calls"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [{**CALL, "function": {
+      "name": "calculator", "arguments": 2}}]}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}]},
+     "messages.1.tool_calls.0.function.arguments"),
+    ({"tools": CALCULATOR, "tool_choice": 1}, "tool_choice"),
 ])
 def test_invalid_tool_and_thinking_fields_get_400(chat_server, body, param):
     status, err = post(chat_server["base"], {"messages": chat(MATH), **body})

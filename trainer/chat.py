@@ -14,11 +14,31 @@ through the chat template and can be sent to any OpenAI-compatible server.
 import json
 import uuid
 
-from trainer.tools import parse_tool_calls, run_tool_call
+from trainer.tools import ToolError, parse_tool_calls, run_tool_call, select_tools
+from trainer_utils import UserError
 
 THINK, END_THINK = "<think>", "</think>"
 # What the chat template's generation prompt pre-fills for enable_thinking true / false (None: nothing).
 THINK_PREFILL = {True: "<think>\n", False: "<think>\n\n</think>\n", None: ""}
+
+
+def add_tool_args(parser, what_they_do):
+    """--tools and --max_tool_rounds, as eval_model.py and the server take them."""
+    g = parser.add_argument_group("tools")
+    g.add_argument("--tools", default=None, metavar="calculator,units,dates|all",
+                   help=f"tools from trainer/tools.py {what_they_do} (default: none)")
+    g.add_argument("--max_tool_rounds", type=int, default=4,
+                   help="the most times the model is given tool results and asked again per message (default 4)")
+
+
+def tools_from_args(args):
+    """--tools as {name: Tool} ({} without it); a bad value is one clear UserError."""
+    if args.max_tool_rounds < 0:
+        raise UserError("--max_tool_rounds must be 0 or more")
+    try:
+        return select_tools(args.tools) if args.tools else {}
+    except ToolError as e:
+        raise UserError(f"--tools: {e}") from None
 
 
 def new_call_id():

@@ -321,6 +321,7 @@ async function send(text) {
     if (!$("input").value) $("input").value = text;
   } else {
     state.history.push(userMessage, ...keptMessages(produced));
+    if (!state.model) loadModel(); // the server was down when the page loaded
     const notes = [];
     if (stopped) notes.push("stopped");
     else if (finish === "length") notes.push("cut off at max tokens");
