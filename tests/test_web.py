@@ -110,6 +110,10 @@ def test_page_shows_the_model_name_stage_and_size(loaded):
     assert "tiny-chat" in info and "stage full_sft" in info and "parameters" in info and "64 hidden × 2 layers" in info
     assert "tools: calculator" in info
     assert by_css(loaded, "#tools-setting")[0].is_displayed()
+    # on a server without tools the switch is hidden: the page's CSS must not show a hidden element
+    loaded.execute_script("document.getElementById('tools-setting').hidden = true")
+    assert not by_css(loaded, "#tools-setting")[0].is_displayed()
+    loaded.execute_script("document.getElementById('tools-setting').hidden = false")
 
 
 def test_reply_streams_into_the_page(page):
