@@ -7,9 +7,13 @@ Chat with, or auto-test, the model any stage wrote; optionally with a LoRA adapt
     python eval_model.py --prompt "你好" --prompt "你是谁？" --temperature 0   # scripted and greedy
     printf '1\\n你好\\n' | python eval_model.py                  # piped: optional menu answer, then one prompt a line
     python eval_model.py --load 1 --model_path MiniMind2        # a transformers folder (save_pretrained / convert_model.py)
+    python eval_model.py --tools all --prompt "What is 12*7?"    # the model's tool calls run and are fed back
+    python eval_model.py --model_mode 3 --enable_thinking 0     # reasoning model, think block pre-filled empty
 
 Each reply is sampled with a fresh torch.Generator seeded with --seed, so it does not depend on earlier
-replies; --temperature 0 is greedy. Ctrl-C or Ctrl-D quits.
+replies; --temperature 0 is greedy. Ctrl-C or Ctrl-D quits. With --tools, the tools' schemas go into the
+system turn; each <tool_call> the model writes is run (trainer/tools.py) and its result fed back as a tool
+message until the model answers (at most --max_tool_rounds times), each result shown after 🔧.
 """
 import argparse
 import itertools
@@ -19,13 +23,15 @@ import sys
 
 import torch
 
-from dataset.lm_dataset import load_tokenizer
+from dataset.lm_dataset import load_tokenizer, render_chat
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
+from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
 from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, device_name, float_in, load_weights,
                            lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, run_main, seed_int, weight_path)
 
 USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
+TOOL = "🔧 "  # before each tool call's result
 DIM, RESET = "\033[2m", "\033[0m"  # the <think> part of a reply is dimmed on a terminal
 
 # Auto-test prompts. A pretrain model only continues text, so it gets openings of sentences.
@@ -49,6 +55,15 @@ CHAT_PROMPTS = [
     "请为我讲解“大语言模型”这个概念。",
     "如何理解ChatGPT？",
     "Introduce the history of the United States, please.",
+]
+TOOL_PROMPTS = [
+    "What is 12*7?",
+    "计算 (3+4)*5 等于多少？",
+    "5 公里是多少英里？",
+    "Convert 100 F to C.",
+    "2024-03-01 是星期几？",
+    "How many days are there from 2024-01-01 to 2024-12-25?",
+    "你好，请介绍一下你自己。",
 ]
 LORA_PROMPTS = {
     "lora_identity": [
@@ -102,6 +117,10 @@ def get_args(argv=None):
                    help="chat modes: past messages kept as context, 2 per turn (user + assistant); 0: every prompt stands "
                         "alone (default 0)")
     g.add_argument("--seed", type=seed_int, default=42, help="every reply is sampled with a generator seeded with this (default 42)")
+    add_bool(g, "--enable_thinking", default=None,
+             help="1: the reply starts inside a pre-filled <think> block; 0: an empty think block is pre-filled, so the "
+                  "model answers directly (default: neither; a reasoning model opens <think> itself)")
+    add_tool_args(p, "offered to the model; its calls run and the results go back to it")
 
     g = p.add_argument_group("input and output")
     g.add_argument("--prompt", action="append", default=[],
@@ -117,6 +136,16 @@ def get_args(argv=None):
     if args.lora_name in ("None", "none", ""):
         args.lora_name = None  # MiniMind's spelling of "no LoRA"
     return args
+
+
+def chat_tools(args):
+    """--tools as {name: Tool} (empty without it); the flags a pretrain model cannot use are one clear error."""
+    if args.model_mode == 0:
+        for flag, value in [("--tools", args.tools), ("--enable_thinking", args.enable_thinking)]:
+            if value is not None:
+                raise UserError(f"{flag} needs a chat model: the pretrain model (--model_mode 0) only continues text; "
+                                f"use --model_mode 1 or later")
+    return tools_from_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,11 +189,13 @@ def load_model(args):
 # ----------------------------------------------------------------------------------------------------
 # One reply
 # ----------------------------------------------------------------------------------------------------
-def prompt_ids(tokenizer, messages, pretrain):
-    """A pretrain model continues raw text after <|im_start|>; the others get the ChatML chat template."""
+def prompt_ids(tokenizer, messages, pretrain, tools=None, thinking=None):
+    """A pretrain model continues raw text after <|im_start|>; the others get the ChatML chat template, with the
+    tools' schemas and enable_thinking when given."""
     if pretrain:
         return [tokenizer.bos_token_id] + tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    text = render_chat(tokenizer, messages, tools, add_generation_prompt=True, **kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -203,21 +234,51 @@ def show(piece, style):
     sys.stdout.flush()
 
 
-def reply(model, tokenizer, messages, args):
-    """Print the assistant's turn after the 🤖️ marker and return its full text (think part included)."""
-    ids = prompt_ids(tokenizer, messages, pretrain=args.model_mode == 0)
+def shown(pieces, args, prefill=""):
+    """Pass a reply's text pieces on while printing them after the 🤖️ marker (token by token with --stream 1).
+    prefill: the start of the reply that the prompt already holds (a pre-filled think block): shown first."""
     style = {"color": sys.stdout.isatty() and not os.environ.get("NO_COLOR"), "think": False}
     print(BOT, end="", flush=True)
-    pieces = []
-    for piece in stream_text(tokenizer, generate_ids(model, tokenizer, ids, args)):
-        pieces.append(piece)
+    text = [prefill]
+    if args.stream and prefill:
+        show(prefill, style)
+    for piece in pieces:
+        text.append(piece)
         if args.stream:
             show(piece, style)
-    text = "".join(pieces)
+        yield piece
     if not args.stream:
-        show(text, style)
+        show("".join(text), style)
     print(RESET if style["think"] else "", end="\n\n", flush=True)
-    return text
+
+
+def reply(model, tokenizer, messages, args):
+    """Print the assistant's turn after the 🤖️ marker and return its full text (think part included)."""
+    ids = prompt_ids(tokenizer, messages, pretrain=args.model_mode == 0, thinking=args.enable_thinking)
+    prefill = THINK_PREFILL[args.enable_thinking]
+    return prefill + "".join(shown(stream_text(tokenizer, generate_ids(model, tokenizer, ids, args)), args, prefill))
+
+
+def tool_reply(model, tokenizer, messages, tools, args):
+    """Answer the last user message with tools: chat_turn (trainer/chat.py, also the server's page mode) runs
+    each call the model makes and feeds the result back until the model answers. Every reply is printed
+    after 🤖️ and every result after 🔧; `messages` gets the assistant and tool messages."""
+    schemas = [t.schema for t in tools.values()]
+    prefill = THINK_PREFILL[args.enable_thinking]
+
+    def generate(msgs):
+        ids = prompt_ids(tokenizer, msgs, pretrain=False, tools=schemas, thinking=args.enable_thinking)
+        return shown(stream_text(tokenizer, generate_ids(model, tokenizer, ids, args)), args, prefill)
+
+    calls = {}
+    for event, value in chat_turn(generate, messages, tools, args.enable_thinking, args.max_tool_rounds):
+        if event == "reply":
+            calls.update((c["id"], c["function"]) for c in value.get("tool_calls", []))
+        elif event == "tool_result":
+            fn = calls[value["tool_call_id"]]
+            print(f"{TOOL}{fn['name'] or '(not a call)'} {fn['arguments']} -> {value['content']}", end="\n\n", flush=True)
+        elif event == "round_limit":
+            print(f"(stopped: the model was given tool results {value} times; raise --max_tool_rounds for more)", end="\n\n", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +287,8 @@ def reply(model, tokenizer, messages, args):
 def auto_prompts(args):
     if args.model_mode == 0:
         return PRETRAIN_PROMPTS
+    if args.tools:
+        return TOOL_PROMPTS
     return LORA_PROMPTS.get(args.lora_name, CHAT_PROMPTS)
 
 
@@ -281,14 +344,19 @@ def get_prompts(args):
     return piped_prompts(itertools.chain([first], lines), 1), True
 
 
-def chat(model, tokenizer, prompts, echo, args):
+def chat(model, tokenizer, prompts, echo, args, tools=None):
     messages = []
     for prompt in prompts:
         if echo:
             print(USER + prompt, flush=True)
         messages = messages[-args.history_cnt:] if args.history_cnt > 0 else []
+        while messages and messages[0]["role"] == "tool":  # a kept history never starts with a tool result
+            messages.pop(0)
         messages.append({"role": "user", "content": prompt})
-        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, args)})
+        if tools:
+            tool_reply(model, tokenizer, messages, tools, args)
+        else:
+            messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, args)})
 
 
 def main():
@@ -296,10 +364,11 @@ def main():
     sys.stdout.reconfigure(errors="replace")  # a console that cannot show an emoji still gets the text
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 get a clear message, not a traceback
     try:
+        tools = chat_tools(args)
         model, tokenizer, what = load_model(args)
-        print(f"model: {what}", file=sys.stderr, flush=True)
+        print(f"model: {what}" + (f", tools: {', '.join(tools)}" if tools else ""), file=sys.stderr, flush=True)
         prompts, echo = get_prompts(args)
-        chat(model, tokenizer, prompts, echo, args)
+        chat(model, tokenizer, prompts, echo, args, tools)
     except (KeyboardInterrupt, EOFError):  # Ctrl-C / Ctrl-D: a clean exit
         print(RESET if sys.stdout.isatty() else "", flush=True)
     except BrokenPipeError:  # e.g. `| head`: the reader left, nothing more to say
