@@ -17,7 +17,7 @@ import torch.distributed as dist
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_parameters
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
-                 "reason": "train_distill_reason.py"}
+                 "reason": "train_distill_reason.py", "full_dist": "train_distillation.py"}
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 
