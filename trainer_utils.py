@@ -22,7 +22,7 @@ from trainer.file_io import (atomic_torch_save, atomic_write_files, atomic_write
                              read_json_file, read_torch_file)
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
-                 "reason": "train_distill_reason.py"}
+                 "reason": "train_distill_reason.py", "full_dist": "train_distillation.py"}
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 

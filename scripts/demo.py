@@ -4,8 +4,9 @@
     python scripts/demo.py --out_dir out/demo --device cuda
 
 Runs the real scripts one after another (pretrain -> full SFT -> DPO -> reasoning distillation, and a
-LoRA identity adapter on the DPO model), then evaluates each stage before and after and writes
-{out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar.
+LoRA identity adapter on the DPO model; then a smaller student trained twice from one start, with plain SFT
+and with the full SFT model as its distillation teacher), then evaluates each stage before and after and
+writes {out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar.
 """
 import argparse
 import json
@@ -35,7 +36,13 @@ RECIPES = {
                 dpo=["--max_seq_len", "128", "--batch_size", "8", "--learning_rate", "5e-5", "--epochs", "1", "--beta", "0.1"],
                 reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10"],
                 lora=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "5e-3", "--epochs", "5", "--lora_rank", "16",
-                      "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]),
+                      "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+                # white-box distillation: a smaller student, trained twice from one seeded random init for the same
+                # steps on the same batches (CE only, and CE + KL to the full SFT model); see student_start()
+                student=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                student_sft=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "2e-3", "--warmup_iters", "10",
+                             "--max_steps", "150", "--packing", "1"],
+                distill=["--alpha", "0.5", "--temperature", "1"]),
 }
 RECIPES["cuda"] = RECIPES["cpu"]  # same recipe, just faster; the bars are about the recipe, not the device
 
@@ -48,8 +55,8 @@ BARS = [("SFT in-format", "sft_in_format", 0.90, ">="),
         ("Reasoning template", "reason_template", 0.90, ">=")]
 
 
-def stage(script, *flags, log):
-    """Run one training script like a user would, echoing its output."""
+def stage(script, *flags, log, name=None):
+    """Run one training script like a user would, echoing its output; its time goes to log[name or script]."""
     cmd = [sys.executable, os.path.join(ROOT, script), *flags]
     print(f"\n$ {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:])}", flush=True)
     t0 = time.time()
@@ -58,7 +65,7 @@ def stage(script, *flags, log):
         print("   ", line.rstrip(), flush=True)
     if proc.wait() != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); its output is above")
-    log[script] = round(time.time() - t0, 1)
+    log[name or script] = round(time.time() - t0, 1)
 
 
 def ensure_data():
@@ -67,18 +74,31 @@ def ensure_data():
                    cwd=ROOT, check=True)
 
 
+def student_start(config_kwargs, path, seed=0):
+    """The one start both distillation students train from: the small model's seeded random init. No pretraining
+    (the demo's minutes are spent), and it is where a teacher's soft targets add most over the labels alone."""
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer_utils import save_weights
+    torch.manual_seed(seed)
+    save_weights(MiniMindForCausalLM(MiniMindConfig(**config_kwargs)), path)
+
+
 def plot_curves(out_dir, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    order = ["pretrain", "full_sft", "rlhf", "reason", "lora"]
+    order = ["pretrain", "full_sft", "rlhf", "reason", "lora", "student_ce", "student_kd"]
     logs = sorted((f for f in os.listdir(os.path.join(out_dir, "logs")) if f.endswith(".jsonl")),
                   key=lambda f: next((i for i, p in enumerate(order) if f.startswith(p)), len(order)))
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2))
     for ax, name in zip(axes, logs):
         with open(os.path.join(out_dir, "logs", name), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        for key in ("loss", "ce", "kd"):  # the distillation log also has its two parts
+            if key in rows[0]:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+        if "kd" in rows[0]:
+            ax.legend()
         ax.set_title(name[:-len(".jsonl")])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
@@ -95,8 +115,11 @@ def main():
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
     recipe = RECIPES["cuda" if args.device.startswith("cuda") else "cpu"]
-    common = [*recipe["model"], "--out_dir", out, "--device", args.device, "--num_workers", "0", "--log_interval", "10",
+    system = ["--out_dir", out, "--device", args.device, "--num_workers", "0", "--log_interval", "10",
               "--save_interval", "100000", "--dtype", "bfloat16"]
+    common = [*recipe["model"], *system]
+    student = [f for k, v in recipe["student"].items() for f in (f"--{k}", str(v))]
+    s_dim = recipe["student"]["hidden_size"]
     t_start = time.time()
     ensure_data()
     times = {}
@@ -107,12 +130,18 @@ def main():
         stage("train_distill_reason.py", *common, *recipe["reason"], "--data_path", f"{DATA}/r1_mix_1024.jsonl", log=times)
         stage("train_lora.py", *common, *recipe["lora"], "--lora_name", "lora_identity",
               "--data_path", f"{DATA}/lora_identity.jsonl", log=times)
+        start = os.path.join(out, f"student_start_{s_dim}.pth")
+        student_start(recipe["student"], start)
+        students = [*student, *system, *recipe["student_sft"], "--from_weight", start, "--data_path", f"{DATA}/sft_mini_512.jsonl"]
+        stage("train_full_sft.py", *students, "--save_weight", "student_ce", log=times, name="student CE only")
+        stage("train_distillation.py", *students, *recipe["distill"], "--save_weight", "student_kd", "--teacher_weight", "full_sft",
+              "--teacher_dim", recipe["model"][1], "--teacher_n_layers", recipe["model"][3], log=times, name="student distilled")
     t_train = time.time() - t_start
 
     # ---------------------------------------------------------------- evaluation on held-out files
     from dataset.lm_dataset import load_tokenizer
     from model.model_lora import load_lora
-    from model.model_minimind import MiniMindForCausalLM
+    from model.model_minimind import MiniMindForCausalLM, count_parameters
     from scripts import demo_eval as ev
     from trainer_utils import load_weights, lora_weight_path
     print("\nevaluating on held-out data ...", flush=True)
@@ -141,6 +170,11 @@ def main():
     load_lora(rlhf, lora_weight_path(out, "lora_identity", dim))
     r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    steps = recipe["student_sft"][recipe["student_sft"].index("--max_steps") + 1]
+    student_ce, student_kd = (load_weights(os.path.join(out, f"{p}_{s_dim}.pth")).to(device).eval() for p in ("student_ce", "student_kd"))
+    r["student_ce"] = ev.sft_loss(student_ce, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    r["student_kd"] = ev.sft_loss(student_kd, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    r["teacher"] = ev.sft_loss(sft, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
             "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"],
             "tool_right": r["tool_after"]["right_tool"], "tool_answer": r["tool_after"]["answer_has_result"],
@@ -169,12 +203,18 @@ def main():
              f"| reasoning | thinking off (empty think block pre-filled): empty block then `<answer>` / right answer | — | {pct(r['think_off']['template'])} / {pct(r['think_off']['correct'])} |",
              f"| LoRA identity | answers with the new name 小星, without / with adapter | {pct(r['lora_without'])} | {pct(r['lora_with'])} |",
              f"| LoRA identity | held-out SFT loss (general ability kept), without / with adapter | {r['sft_loss_base']:.3f} | {r['sft_loss_lora']:.3f} |",
+             f"| distillation | held-out SFT loss of a {count_parameters(student_ce) / 1e6:.2f}M student, {steps} steps from one random init: "
+             f"CE only / distilled from the full SFT model (teacher's own: {r['teacher']:.3f}) | {r['student_ce']:.3f} | {r['student_kd']:.3f} |",
              "", "## Bars", ""]
     ok = True
     for label, key, bar, op in BARS:
         passed = flat[key] >= bar if op == ">=" else flat[key] <= bar
         ok &= passed
         lines.append(f"- {'PASS' if passed else 'FAIL'} {label}: {pct(flat[key])} (bar {op} {pct(bar)})")
+    passed = r["student_kd"] < r["student_ce"]
+    ok &= passed
+    lines.append(f"- {'PASS' if passed else 'FAIL'} Distillation: distilled student's held-out SFT loss {r['student_kd']:.3f} "
+                 f"(bar < the CE-only student's {r['student_ce']:.3f}, same start, batches and steps)")
     lines += ["", "## Samples", ""]
     for q, a in r["sft_after"]["samples"]:
         lines.append(f"- SFT 👶 {q!r} 🤖 {a!r}")
