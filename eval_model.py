@@ -22,8 +22,8 @@ import torch
 from dataset.lm_dataset import load_tokenizer
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import LoRAError, load_lora
-from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, load_weights, lora_weight_path, run_main,
-                           weight_path)
+from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, UserError, add_bool, check_weight_tokenizer, load_weights,
+                           lora_weight_path, run_main, weight_path)
 
 USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
 DIM, RESET = "\033[2m", "\033[0m"  # the <think> part of a reply is dimmed on a terminal
@@ -130,6 +130,7 @@ def load_model(args):
             raise UserError(f"{path} not found: run {STAGE_SCRIPTS[prefix]} first "
                             f"(or pass the --out_dir / --dim / --use_moe it was trained with)")
         model, tokenizer, what = load_weights(path, args), load_tokenizer(args.tokenizer_path), path
+        check_weight_tokenizer(path, model, args.tokenizer_path, tokenizer)
         dim = args.dim
     else:
         if not os.path.isdir(args.model_path):

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_parameters
+from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_minimind3_state_dict, count_parameters,
+                                  is_minimind3_state_dict, minimind3_options)
+from trainer.tokenizer_fingerprint import tokenizer_mismatch, tokenizer_record
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
                  "reason": "train_distill_reason.py"}
@@ -67,8 +69,12 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--dim", "--hidden_size", dest="dim", type=int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
     g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=int, default=8, help="number of Transformer blocks")
     g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=int, default=8, help="query heads")
-    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=2, help="key/value heads (GQA)")
-    add_bool(g, "--use_moe", help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)")
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=int, default=None,
+                   help="key/value heads (GQA); default 2, or 4 with --arch minimind3")
+    add_bool(g, "--use_moe", help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared; minimind3: top-1, none shared)")
+    g.add_argument("--arch", default="minimind2", choices=["minimind2", "minimind3"],
+                   help="architecture of a new model: MiniMind2's, or MiniMind-3's (QK-norm, FFN 64*ceil(pi*dim/64), "
+                        "4 KV heads, eps 1e-6, top-1 MoE); a loaded weight file keeps its own")
     g.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per sample; longer samples are truncated")
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
     if from_weight is not None:
@@ -119,9 +125,15 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
 
 
 def model_config_from_args(args) -> MiniMindConfig:
+    options = minimind3_options(args.dim) if getattr(args, "arch", "minimind2") == "minimind3" else {}
+    options.update(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                   use_moe=args.use_moe, dropout=args.dropout)
+    if args.n_kv_heads is not None:
+        options["num_key_value_heads"] = args.n_kv_heads
+    elif not options.get("qk_norm"):
+        options["num_key_value_heads"] = 2
     try:
-        return MiniMindConfig(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                              num_key_value_heads=args.n_kv_heads, use_moe=args.use_moe, dropout=args.dropout)
+        return MiniMindConfig(**options)
     except ValueError as e:
         raise UserError(f"bad model flags: {e}") from None
 
@@ -219,11 +231,16 @@ def unwrap(model):
     return getattr(model, "module", getattr(model, "_orig_mod", model))
 
 
-def save_weights(model, path, dtype="float32"):
+def save_weights(model, path, dtype="float32", tokenizer_path=None):
+    """The weights, and beside them the config plus (with tokenizer_path) the tokenizer they belong to."""
     model = unwrap(model)
     sd = {k: v.detach().to("cpu", getattr(torch, dtype)) for k, v in model.state_dict().items()
           if not k.rsplit(".", 1)[-1].startswith("lora_")}
-    atomic_write_text(model.config.to_json_string(use_diff=False), path[:-len(".pth")] + ".json")
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    if tokenizer_path is not None:
+        from dataset.lm_dataset import load_tokenizer
+        config["tokenizer"] = tokenizer_record(load_tokenizer(tokenizer_path), tokenizer_path)
+    atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", path[:-len(".pth")] + ".json")
     atomic_torch_save(sd, path)
 
 
@@ -246,10 +263,11 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
         hint = f": run {what_makes_it} first" if what_makes_it else ""
         raise UserError(f"{path} not found{hint} (or point --from_weight / --out_dir at an existing weight file)")
     cfg_path = path[:-len(".pth")] + ".json"
+    sd = None
     if os.path.exists(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-        for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
+        for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type", "tokenizer"):
             cfg.pop(k, None)
         cfg["dropout"] = dropout
         config = MiniMindConfig(**cfg)
@@ -257,10 +275,16 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
             print(f"note: {path} holds a dim={config.hidden_size} n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)} "
                   f"model; using that (flags said {args.dim}/{args.n_layers}/{int(args.use_moe)})", flush=True)
     elif args is not None:
-        config = model_config_from_args(args)
+        sd = _read_state_dict(path)
+        if is_minimind3_state_dict(sd):  # its shapes say everything the flags would
+            config = config_from_minimind3_state_dict(sd, dropout=dropout)
+            print(f"note: {path} has QK-norm weights: loading it as MiniMind-3 (dim={config.hidden_size} "
+                  f"n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)}, sizes read from the weights)", flush=True)
+        else:
+            config = model_config_from_args(args)
     else:
         raise UserError(f"{cfg_path} not found: cannot tell the model size of {path}; pass --dim/--n_layers/--use_moe")
-    sd = _read_state_dict(path)
+    sd = sd if sd is not None else _read_state_dict(path)
     model = MiniMindForCausalLM(config)
     own = model.state_dict()
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
@@ -277,6 +301,24 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
     return model
 
 
+def check_weight_tokenizer(path, model, tokenizer_path, tokenizer=None):
+    """One clear error when the weight file's .json records another tokenizer than tokenizer_path's; a
+    one-line note for a bare .pth (nothing records its tokenizer: MiniMind's own weights need MiniMind's)."""
+    from dataset.lm_dataset import load_tokenizer
+    cfg_path = path[:-len(".pth")] + ".json"
+    if not os.path.exists(cfg_path):
+        family = "MiniMind-3" if model.config.qk_norm else "MiniMind2"
+        print(f"note: {path} has no .json, so nothing records its tokenizer; using {tokenizer_path}. A published "
+              f"{family} checkpoint needs {family}'s tokenizer (--tokenizer_path; see the README, 'Coming from MiniMind')", flush=True)
+        return
+    with open(cfg_path, encoding="utf-8") as f:
+        record = json.load(f).get("tokenizer")
+    if record:
+        problem = tokenizer_mismatch(record, tokenizer or load_tokenizer(tokenizer_path), tokenizer_path, path)
+        if problem:
+            raise UserError(problem)
+
+
 def resolve_weight(args, name):
     """--from_weight is a stage prefix in --out_dir or a path. Returns (path, script that makes it)."""
     if name.endswith(".pth") or os.sep in name:
@@ -287,7 +329,9 @@ def resolve_weight(args, name):
 def load_from_weight(args, name=None):
     """The model this stage starts from (--from_weight), loaded strictly."""
     path, maker = resolve_weight(args, name or args.from_weight)
-    return load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
+    model = load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
+    check_weight_tokenizer(path, model, args.tokenizer_path)
+    return model
 
 
 def check_out_dir(out_dir):
@@ -358,8 +402,10 @@ def flops_per_token(config, seq_len):
     H, L = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
     ffn = 3 * H * config.intermediate_size
-    n_ffn = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
-    per_layer = 2 * H * H + 2 * H * kv + n_ffn * ffn
+    if config.use_moe:
+        ffn = config.num_experts_per_tok * 3 * H * config.moe_intermediate_size + config.n_shared_experts * ffn
+    q = config.num_attention_heads * config.head_dim
+    per_layer = 2 * H * q + 2 * H * kv + ffn
     n = L * per_layer + H * config.vocab_size
     return 6 * n + 12 * L * H * seq_len
 
@@ -421,7 +467,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
 
     def save_stage_weights(m):
-        save_weights(m, out_path, args.save_dtype)
+        save_weights(m, out_path, args.save_dtype, tokenizer_path=args.tokenizer_path)
         return out_path
     save_fn = save_fn or save_stage_weights
     model.to(ctx.device)

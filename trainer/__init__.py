@@ -1,0 +1,1 @@
+"""Small helper modules the training scripts share, one job each (trainer_utils.py holds the plumbing)."""
