@@ -2,6 +2,7 @@
 the training loop. Each train_*.py keeps its own idea (data and loss) and imports the rest from here."""
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -128,10 +129,8 @@ def model_config_from_args(args) -> MiniMindConfig:
     options = minimind3_options(args.dim) if getattr(args, "arch", "minimind2") == "minimind3" else {}
     options.update(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                    use_moe=args.use_moe, dropout=args.dropout)
-    if args.n_kv_heads is not None:
+    if args.n_kv_heads is not None:  # None: the architecture's own (MiniMind2 2, MiniMind-3 4)
         options["num_key_value_heads"] = args.n_kv_heads
-    elif not options.get("qk_norm"):
-        options["num_key_value_heads"] = 2
     try:
         return MiniMindConfig(**options)
     except ValueError as e:
@@ -231,6 +230,12 @@ def unwrap(model):
     return getattr(model, "module", getattr(model, "_orig_mod", model))
 
 
+@functools.lru_cache(maxsize=4)  # a run saves many times with the same tokenizer
+def tokenizer_record_of(tokenizer_path):
+    from dataset.lm_dataset import load_tokenizer
+    return tokenizer_record(load_tokenizer(tokenizer_path), tokenizer_path)
+
+
 def save_weights(model, path, dtype="float32", tokenizer_path=None):
     """The weights, and beside them the config plus (with tokenizer_path) the tokenizer they belong to."""
     model = unwrap(model)
@@ -238,8 +243,7 @@ def save_weights(model, path, dtype="float32", tokenizer_path=None):
           if not k.rsplit(".", 1)[-1].startswith("lora_")}
     config = json.loads(model.config.to_json_string(use_diff=False))
     if tokenizer_path is not None:
-        from dataset.lm_dataset import load_tokenizer
-        config["tokenizer"] = tokenizer_record(load_tokenizer(tokenizer_path), tokenizer_path)
+        config["tokenizer"] = tokenizer_record_of(tokenizer_path)
     atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", path[:-len(".pth")] + ".json")
     atomic_torch_save(sd, path)
 

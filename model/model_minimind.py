@@ -129,33 +129,30 @@ class MiniMindConfig(PretrainedConfig):
             if self.scoring_func != "softmax":
                 bad("scoring_func", "only 'softmax' is supported")
 
-    def to_llama_config(self):
-        """The transformers LlamaConfig whose LlamaForCausalLM takes a dense MiniMind state dict as is."""
-        from transformers import LlamaConfig
-        if self.use_moe or self.yarn_scaling or self.qk_norm:
-            raise ValueError("only a dense model without YaRN or QK-norm maps onto LlamaForCausalLM")
-        return LlamaConfig(
+    def _dense_hf_fields(self):
+        """The fields a transformers Llama or Qwen3 config shares with ours (tied embeddings, no biases)."""
+        return dict(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
             max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+            tie_word_embeddings=True, attention_bias=False,
             bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+
+    def to_llama_config(self):
+        """The transformers LlamaConfig whose LlamaForCausalLM takes a dense MiniMind state dict as is."""
+        from transformers import LlamaConfig
+        if self.use_moe or self.yarn_scaling or self.qk_norm:
+            raise ValueError("only a dense model without YaRN or QK-norm maps onto LlamaForCausalLM")
+        return LlamaConfig(**self._dense_hf_fields(), mlp_bias=False)
 
     def to_qwen3_config(self):
         """The transformers Qwen3Config whose Qwen3ForCausalLM takes a dense QK-norm (MiniMind-3) state dict as is."""
         from transformers import Qwen3Config
         if self.use_moe or self.yarn_scaling or not self.qk_norm:
             raise ValueError("only a dense model with QK-norm and without YaRN maps onto Qwen3ForCausalLM")
-        return Qwen3Config(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
-            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+        return Qwen3Config(**self._dense_hf_fields(), use_sliding_window=False)
 
 
 def minimind3_options(hidden_size: int) -> dict:

@@ -29,11 +29,30 @@ CONVERSATIONS = [
 ]
 
 
-def tiny(arch, seed=0):
-    torch.manual_seed(seed)
+REPLIES = ["我是一个小模型，很高兴认识你！", "12345 + 3.14 = 12348.14. Easy.", "2025年1月1日是星期三。😀"]
+
+
+def trained(arch, steps=150):
+    """A tiny model that has learned a reply to each conversation: its greedy choices have the margins of a
+    trained model's, so comparing q8_0 with float32 is meaningful (a random model's near-ties flip)."""
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
     options = minimind3_options(64) if arch == "qwen3" else dict(num_attention_heads=4, num_key_value_heads=2)
-    # a wide init spread makes greedy choices clear-cut, so q8_0's rounding does not flip them
-    return MiniMindForCausalLM(MiniMindConfig(**options, hidden_size=64, num_hidden_layers=2, initializer_range=0.3))
+    model = MiniMindForCausalLM(MiniMindConfig(**options, hidden_size=64, num_hidden_layers=2))
+    tok = AutoTokenizer.from_pretrained(OURS)
+    rows = [tok.apply_chat_template(c + [{"role": "assistant", "content": r}], tokenize=True, return_dict=False)
+            for c, r in zip(CONVERSATIONS, REPLIES)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +63,7 @@ def files(tmp_path_factory):
     for arch in ("llama", "qwen3"):
         path = str(d / arch / "full_sft_64.pth")
         os.makedirs(os.path.dirname(path))
-        save_weights(tiny(arch), path, tokenizer_path=OURS)
+        save_weights(trained(arch), path, tokenizer_path=OURS)
         convert(["--weight", path, "--save_dir", str(d / arch / "hf")])
         ggufs = {}
         for qtype in ("f32", "q8_0"):
@@ -169,4 +188,7 @@ def test_llama_cpp_tokenizes_and_generates_like_transformers(files, tmp_path, ar
         assert len(want) > 3
         assert got["greedy"] == want, prompt["text"]
         text = tok.decode(want, skip_special_tokens=True)
-        assert got["text"] == text and got["chat_text"] == text
+        assert got["text"] == text
+        # llama.cpp's chat completion (the GGUF's own template) drops the bytes of an unfinished UTF-8
+        # character where decode() writes U+FFFD (a random model emits such pieces)
+        assert got["chat_text"] == text.replace("\ufffd", "")

@@ -161,6 +161,23 @@ def test_equal_to_minimind3_own_code(tmp_path, use_moe):
     assert torch.allclose(a.aux_loss, b.aux_loss, rtol=1e-5, atol=0)
     if use_moe:
         assert b.aux_loss.item() > 0
+    # its transformers folder (its own config.json field names) converts to the same model
+    from scripts.convert_model import load_transformers_dir
+    ref.eval().save_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        assert torch.allclose(ref(ids).logits, load_transformers_dir(str(tmp_path / "hf"))(ids).logits, atol=1e-5)
+
+
+def test_minimind3_config_json_maps_onto_our_options():
+    """A config.json as MiniMind-3's code writes it (Qwen3-MoE spellings, no qk_norm field: it is always on)."""
+    from scripts.convert_model import minimind_config_from_hf
+    cfg = {"model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2, "use_moe": True, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "head_dim": 8, "intermediate_size": 256, "moe_intermediate_size": 256,
+           "num_experts": 4, "num_experts_per_tok": 1, "norm_topk_prob": True, "router_aux_loss_coef": 5e-4,
+           "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": None, "vocab_size": 6400, "dropout": 0.0}
+    c = minimind_config_from_hf(cfg, "config.json")
+    assert c.qk_norm and c.norm_top1_prob and (c.n_routed_experts, c.n_shared_experts, c.aux_loss_alpha) == (4, 0, 5e-4)
+    assert not c.seq_aux and c.head_dim == 8 and c.moe_intermediate_size == 256
 
 
 def test_arch_flag_trains_minimind3_and_it_exports_as_qwen3(tmp_path):
@@ -191,3 +208,6 @@ def test_arch_flag_trains_minimind3_and_it_exports_as_qwen3(tmp_path):
     convert(["--to_native", "--model_path", str(tmp_path / "hf"), "--weight", back])
     a, b = torch.load(path, weights_only=True), torch.load(back, weights_only=True)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with open(path[:-4] + ".json") as f, open(back[:-4] + ".json") as g:
+        trained, converted = json.load(f)["tokenizer"], json.load(g)["tokenizer"]
+    assert converted["path"] == str(tmp_path / "hf") and converted["fingerprint"] == trained["fingerprint"]

@@ -11,6 +11,7 @@ import torch
 
 import small_tokenizers
 from conftest import ROOT
+from test_train import write_jsonl
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.tokenizer_fingerprint import tokenizer_fingerprint
 from trainer_utils import UserError, check_weight_tokenizer, load_weights, save_weights
@@ -43,13 +44,6 @@ def last_line_error(proc):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: "), proc.stderr[-2000:]
     return line
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------
