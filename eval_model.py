@@ -27,8 +27,9 @@ from dataset.lm_dataset import load_tokenizer, render_chat
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
 from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
-from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, device_name, float_in, load_weights,
-                           lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, run_main, seed_int, weight_path)
+from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, check_weight_tokenizer, device_name,
+                           float_in, load_weights, lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, run_main,
+                           seed_int, weight_path)
 
 USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
 TOOL = "🔧 "  # before each tool call's result
@@ -162,6 +163,7 @@ def load_model(args):
             raise UserError(f"{path} not found: run {STAGE_SCRIPTS[prefix]} first "
                             f"(or pass the --out_dir / --dim / --use_moe it was trained with)")
         model, tokenizer, what = load_weights(path, args), load_tokenizer(args.tokenizer_path), path
+        check_weight_tokenizer(path, model, args.tokenizer_path, tokenizer)
         dim = args.dim
     else:
         if not os.path.isdir(args.model_path):

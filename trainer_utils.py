@@ -2,6 +2,7 @@
 the training loop. Each train_*.py keeps its own idea (data and loss) and imports the rest from here."""
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -14,12 +15,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, count_parameters
+from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_minimind3_state_dict, count_parameters,
+                                  is_minimind3_state_dict, minimind3_options)
 from trainer.cli import (ArgumentParser, UserError, add_bool, brief, device_name, float_in, int_in, is_first_rank,  # noqa: F401
                          nonneg_float, nonneg_int, plain_name, port_int, positive_float, positive_int, run_main, seed_int,
                          str2bool)
 from trainer.file_io import (atomic_torch_save, atomic_write_files, atomic_write_text, describe_os_error,  # noqa: F401
                              read_json_file, read_torch_file)
+from trainer.tokenizer_fingerprint import tokenizer_mismatch, tokenizer_record
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
                  "reason": "train_distill_reason.py", "full_dist": "train_distillation.py"}
@@ -34,8 +37,12 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
     g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=positive_int, default=8, help="number of Transformer blocks")
     g.add_argument("--n_heads", "--num_attention_heads", dest="n_heads", type=positive_int, default=8, help="query heads")
-    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=positive_int, default=2, help="key/value heads (GQA)")
-    add_bool(g, "--use_moe", help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared)")
+    g.add_argument("--n_kv_heads", "--num_key_value_heads", dest="n_kv_heads", type=positive_int, default=None,
+                   help="key/value heads (GQA); default 2, or 4 with --arch minimind3")
+    add_bool(g, "--use_moe", help="mixture-of-experts feed-forward (4 routed experts, top-2, 1 shared; minimind3: top-1, none shared)")
+    g.add_argument("--arch", default="minimind2", choices=["minimind2", "minimind3"],
+                   help="architecture of a new model: MiniMind2's, or MiniMind-3's (QK-norm, FFN 64*ceil(pi*dim/64), "
+                        "4 KV heads, eps 1e-6, top-1 MoE); a loaded weight file keeps its own")
     g.add_argument("--max_seq_len", type=int_in(2), default=max_seq_len,
                    help="tokens per sample (at least 2: one to read, one to predict); longer samples are truncated")
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
@@ -87,9 +94,13 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
 
 
 def model_config_from_args(args) -> MiniMindConfig:
+    options = minimind3_options(args.dim) if getattr(args, "arch", "minimind2") == "minimind3" else {}
+    options.update(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                   use_moe=args.use_moe, dropout=args.dropout)
+    if args.n_kv_heads is not None:  # None: the architecture's own (MiniMind2 2, MiniMind-3 4)
+        options["num_key_value_heads"] = args.n_kv_heads
     try:
-        return MiniMindConfig(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                              num_key_value_heads=args.n_kv_heads, use_moe=args.use_moe, dropout=args.dropout)
+        return MiniMindConfig(**options)
     except ValueError as e:
         raise UserError(f"bad model flags: {e}") from None
 
@@ -196,13 +207,23 @@ def unwrap(model):
     return getattr(model, "module", getattr(model, "_orig_mod", model))
 
 
-def save_weights(model, path, dtype="float32"):
-    """The weights (without LoRA adapters) and the config .json beside them, replaced together only once
-    both are written: a failed save leaves the previous pair as it was."""
+@functools.lru_cache(maxsize=4)  # a run saves many times with the same tokenizer
+def tokenizer_record_of(tokenizer_path):
+    from dataset.lm_dataset import load_tokenizer
+    return tokenizer_record(load_tokenizer(tokenizer_path), tokenizer_path)
+
+
+def save_weights(model, path, dtype="float32", tokenizer_path=None):
+    """The weights (without LoRA adapters) and beside them the config .json, which (given tokenizer_path) also
+    records the tokenizer they belong to; the pair is replaced together only once both are written, so a
+    failed save leaves the previous pair as it was."""
     model = unwrap(model)
     sd = {k: v.detach().to("cpu", getattr(torch, dtype)) for k, v in model.state_dict().items()
           if not k.rsplit(".", 1)[-1].startswith("lora_")}
-    config_json = model.config.to_json_string(use_diff=False).encode("utf-8")
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    if tokenizer_path is not None:
+        config["tokenizer"] = tokenizer_record_of(tokenizer_path)
+    config_json = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
     atomic_write_files({path: lambda f: torch.save(sd, f), config_path(path): lambda f: f.write(config_json)})
 
 
@@ -220,7 +241,7 @@ def read_weight_config(cfg_path, weight_file, dropout=0.0):
     fix = (f"it should be the config saved with {weight_file}: restore it, or delete it and pass the model's "
            f"--dim/--n_layers/--n_heads/--n_kv_heads/--use_moe")
     cfg = read_json_file(cfg_path, "model config", fix)
-    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type", "tokenizer"):
         cfg.pop(k, None)
     cfg["dropout"] = dropout
     try:
@@ -240,6 +261,7 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
     fix = f"run {what_makes_it} again to rewrite it" if what_makes_it else "re-save it or point at another weight file"
     cfg_path = config_path(path)
     from_json = os.path.exists(cfg_path)
+    sd = None
     if from_json:
         config = read_weight_config(cfg_path, path, dropout)
         if args is not None and (args.dim, args.n_layers, bool(args.use_moe)) != (config.hidden_size, config.num_hidden_layers, config.use_moe):
@@ -247,10 +269,17 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
                 print(f"note: {path} holds a dim={config.hidden_size} n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)} "
                       f"model (says {cfg_path}); using that (flags said {args.dim}/{args.n_layers}/{int(args.use_moe)})", flush=True)
     elif args is not None:
-        config = model_config_from_args(args)
+        sd = _read_state_dict(path, fix)
+        if is_minimind3_state_dict(sd):  # its shapes say everything the flags would
+            config = config_from_minimind3_state_dict(sd, dropout=dropout)
+            if is_first_rank():
+                print(f"note: {path} has QK-norm weights: loading it as MiniMind-3 (dim={config.hidden_size} "
+                      f"n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)}, sizes read from the weights)", flush=True)
+        else:
+            config = model_config_from_args(args)
     else:
         raise UserError(f"{cfg_path} not found: cannot tell the model size of {path}; pass --dim/--n_layers/--use_moe")
-    sd = _read_state_dict(path, fix)
+    sd = sd if sd is not None else _read_state_dict(path, fix)
     model = MiniMindForCausalLM(config)
     own = model.state_dict()
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
@@ -272,6 +301,24 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
     return model
 
 
+def check_weight_tokenizer(path, model, tokenizer_path, tokenizer=None):
+    """One clear error when the weight file's .json records another tokenizer than tokenizer_path's; a
+    one-line note for a bare .pth (nothing records its tokenizer: MiniMind's own weights need MiniMind's)."""
+    from dataset.lm_dataset import load_tokenizer
+    cfg_path = config_path(path)
+    if not os.path.exists(cfg_path):
+        family = "MiniMind-3" if model.config.qk_norm else "MiniMind2"
+        if is_first_rank():
+            print(f"note: {path} has no .json, so nothing records its tokenizer; using {tokenizer_path}. A published "
+                  f"{family} checkpoint needs {family}'s tokenizer (--tokenizer_path; see the README, 'Coming from MiniMind')", flush=True)
+        return
+    record = read_json_file(cfg_path, "model config", f"it should be the config saved with {path}").get("tokenizer")
+    if record:
+        problem = tokenizer_mismatch(record, tokenizer or load_tokenizer(tokenizer_path), tokenizer_path, path)
+        if problem:
+            raise UserError(problem)
+
+
 def resolve_weight(args, name):
     """--from_weight is a stage prefix in --out_dir or a path. Returns (path, script that makes it)."""
     if name.endswith(".pth") or os.sep in name:
@@ -282,7 +329,9 @@ def resolve_weight(args, name):
 def load_from_weight(args, name=None):
     """The model this stage starts from (--from_weight), loaded strictly."""
     path, maker = resolve_weight(args, name or args.from_weight)
-    return load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
+    model = load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
+    check_weight_tokenizer(path, model, args.tokenizer_path)
+    return model
 
 
 def check_out_dir(out_dir):
@@ -429,8 +478,10 @@ def flops_per_token(config, seq_len):
     H, L = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * config.head_dim
     ffn = 3 * H * config.intermediate_size
-    n_ffn = (config.num_experts_per_tok + config.n_shared_experts) if config.use_moe else 1
-    per_layer = 2 * H * H + 2 * H * kv + n_ffn * ffn
+    if config.use_moe:
+        ffn = config.num_experts_per_tok * 3 * H * config.moe_intermediate_size + config.n_shared_experts * ffn
+    q = config.num_attention_heads * config.head_dim
+    per_layer = 2 * H * q + 2 * H * kv + ffn
     n = L * per_layer + H * config.vocab_size
     return 6 * n + 12 * L * H * seq_len
 
@@ -549,7 +600,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
 
     def save_stage_weights(m):
-        save_weights(m, out_path, args.save_dtype)
+        save_weights(m, out_path, args.save_dtype, tokenizer_path=args.tokenizer_path)
         return out_path
     save_fn = save_fn or save_stage_weights
     model.to(ctx.device)

@@ -232,13 +232,14 @@ def test_reason_weights_hit_only_tags_in_assistant_spans(tmp_path, tok):
     path = write_jsonl(tmp_path / "r.jsonl", [conv("请用<think>和<answer>格式回答：1+1=?", "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>",
                                                    system="<think>系统</think>")])
     ids, labels = one_batch(SFTDataset(path, tok, max_length=128), n=1)
-    tag_ids = torch.tensor(tok.convert_tokens_to_ids(list(tdr.TAGS)))
-    targets, weights, labelled = tdr.tag_weights(labels, tag_ids, 10.0)
+    sequences = list(tdr.tag_sequences(tok).values())
+    assert [len(s) for s in sequences] == [1, 1, 1, 1]  # single tokens in our tokenizer (test_interop: several)
+    targets, weights, labelled = tdr.tag_weights(labels, sequences, 10.0)
     heavy = (weights == 10.0)
     assert tok.convert_ids_to_tokens(targets[heavy].tolist()) == ["<think>", "</think>", "<answer>", "</answer>"]
     assert torch.equal(weights[~heavy & labelled], torch.ones(int((~heavy & labelled).sum())))
     assert (weights[~labelled] == 0).all()
-    losses = overfit(tiny_model(), lambda m, b: tdr.reason_loss(m, b, tag_ids, 10.0), (ids, labels))
+    losses = overfit(tiny_model(), lambda m, b: tdr.reason_loss(m, b, sequences, 10.0), (ids, labels))
     assert losses[-1] < 0.5 * losses[0]
 
 
