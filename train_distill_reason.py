@@ -37,13 +37,15 @@ def reason_loss(model, batch, tag_ids, special_token_weight):
 
 def main():
     parser = build_parser("MiniMind reasoning distillation", out_weight="reason", epochs=1, batch_size=8,
-                          learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf")
+                          learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf",
+                          data_column="conversations")
     g = parser.add_argument_group("reasoning")
     g.add_argument("--special_token_weight", type=float, default=10.0, help="loss weight of <think>/</think>/<answer>/</answer>")
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                         conversations_column=args.conversations_column)
     model = load_from_weight(args)
     tag_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(TAGS)), device=ctx.device)
 
