@@ -472,6 +472,7 @@ class ArrowRecords:
     def __init__(self, path, check, skip_bad_lines):
         self.path = path
         self.table, self.files = open_arrow(path)
+        self.features = self.table.features  # (a property that copies them)
         self.file_starts = np.cumsum([0] + [n or 0 for _, n in self.files[:-1]])
         good, self.skipped, self.first_error = array("q"), 0, None
         bar = progress_bar(len(self.table), f"checking {os.path.basename(path.rstrip(os.sep))}", unit="rows")
@@ -496,8 +497,7 @@ class ArrowRecords:
         self.rows = np.frombuffer(good, dtype=np.int64) if self.skipped else None
 
     def as_record(self, row):
-        features = self.table.features
-        return {c: from_arrow(v, features[c]) for c, v in row.items() if v is not None}
+        return {c: from_arrow(v, self.features[c]) for c, v in row.items() if v is not None}
 
     def __len__(self):
         return len(self.table) if self.rows is None else len(self.rows)

@@ -96,3 +96,27 @@ def test_the_checks_see_what_they_should():
     imported = imports()
     assert {"torch", "transformers", "datasets", "wandb", "numpy", "os"} <= set(imported)  # wandb/datasets: lazy imports
     assert "sentencepiece" not in imported and "sentencepiece" not in requirements()
+
+
+def test_jsonl_needs_neither_datasets_nor_pyarrow(tmp_path):
+    """`datasets` and pyarrow are imported only for parquet / Arrow inputs; without them jsonl still trains and
+    a parquet input is a one-line error saying what to install."""
+    import subprocess
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    code = f"""
+import sys
+sys.modules["datasets"] = sys.modules["pyarrow"] = None  # as if not installed: importing them raises ImportError
+from dataset.lm_dataset import DataFormatError, PretrainDataset, load_tokenizer
+import train_pretrain, train_full_sft, train_dpo
+ds = PretrainDataset({str(tmp_path / "a.jsonl")!r}, load_tokenizer())
+assert len(ds) == 1 and ds[0][0].numel() > 2
+try:
+    PretrainDataset({str(tmp_path / "a.parquet")!r}, load_tokenizer())
+except DataFormatError as e:
+    print(e)
+"""
+    (tmp_path / "a.parquet").write_bytes(b"x")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("needs the `datasets` package (pip install -r requirements.txt), or pass a jsonl file")
