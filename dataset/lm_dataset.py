@@ -287,6 +287,7 @@ def scan(path, check, skip_bad_lines):
                 raise DataFormatError(error)
             skipped += 1
             first_error = first_error or error
+        bar.update(pos - bar.n)
     return np.frombuffer(offsets, dtype=np.int64), skipped, first_error  # a view: no second copy
 
 
@@ -478,8 +479,9 @@ class ArrowRecords:
         bar = progress_bar(len(self.table), f"checking {os.path.basename(path.rstrip(os.sep))}", unit="rows")
         with bar:
             for start in range(0, len(self.table), self.BATCH):
-                batch = self.table[start:start + self.BATCH]
-                for j in range(len(next(iter(batch.values()), []))):
+                batch = self.table[start:start + self.BATCH]  # {column: values}
+                n = min(self.BATCH, len(self.table) - start)
+                for j in range(n):
                     try:
                         problem = check(self.as_record({c: v[j] for c, v in batch.items()}))
                     except BadRecord as e:
@@ -492,7 +494,7 @@ class ArrowRecords:
                         raise DataFormatError(error)
                     self.skipped += 1
                     self.first_error = self.first_error or error
-                bar.update(len(next(iter(batch.values()), [])))
+                bar.update(n)
         # the good rows' numbers are kept only when some were skipped (8 bytes a row)
         self.rows = np.frombuffer(good, dtype=np.int64) if self.skipped else None
 
