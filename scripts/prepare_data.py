@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from dataset.lm_dataset import PretrainDataset, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from dataset.token_shards import FORMAT, INDEX, VERSION  # noqa: E402
 from trainer.progress import progress_bar  # noqa: E402
-from trainer_utils import UserError, atomic_write_text, run_main  # noqa: E402
+from trainer_utils import UserError, add_bool, atomic_write_text, run_main  # noqa: E402
 
 CHUNK_DOCS = 256  # documents per task handed to a worker process
 UINT16_IDS = 1 << 16
@@ -42,8 +42,8 @@ def parse_args():
     p.add_argument("--text_column", default="text", help='the key / column that holds the text, if not "text"')
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
     p.add_argument("--shard_tokens", type=int, default=1 << 27, help="tokens per shard file (2 bytes each)")
-    p.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1], help="skip malformed records (and report how many)")
-    p.add_argument("--overwrite", type=int, default=0, choices=[0, 1], help="replace shards already in --out_dir")
+    add_bool(p, "--skip_bad_lines", help="skip malformed records (and report how many) instead of stopping")
+    add_bool(p, "--overwrite", help="replace shards already in --out_dir")
     args = p.parse_args()
     if args.num_proc < 1 or args.shard_tokens < 1:
         p.error("--num_proc and --shard_tokens must be at least 1")
@@ -122,14 +122,11 @@ class ShardWriter:
         self.shards.append({"tokens": bin_name, "starts": starts_name, "docs": len(lengths), "num_tokens": int(starts[-1])})
 
 
-def clear_out_dir(out_dir, overwrite):
-    os.makedirs(out_dir, exist_ok=True)
-    ours = sorted(f for f in os.listdir(out_dir) if f == INDEX or f.startswith("shard_"))
-    if ours and not overwrite:
-        raise UserError(f"{out_dir} already holds token shards ({ours[0]}, ...); pass --overwrite 1 to replace them, "
-                        f"or choose another --out_dir")
-    for f in sorted(ours, key=lambda f: f != INDEX):  # the index first: a half-cleared folder is never taken as complete
-        os.remove(os.path.join(out_dir, f))
+def shard_files(out_dir):
+    """The files of an earlier run in out_dir, index.json first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted((f for f in os.listdir(out_dir) if f == INDEX or f.startswith("shard_")), key=lambda f: (f != INDEX, f))
 
 
 def main():
@@ -137,10 +134,16 @@ def main():
     tokenizer = load_tokenizer(args.tokenizer_path)
     if len(tokenizer) > UINT16_IDS:
         raise UserError(f"{args.tokenizer_path}: {len(tokenizer)} tokens do not fit uint16 shards (at most {UINT16_IDS})")
+    earlier = shard_files(args.out_dir)
+    if earlier and not args.overwrite:
+        raise UserError(f"{args.out_dir} already holds token shards ({earlier[0]}, ...); pass --overwrite 1 to replace "
+                        f"them, or choose another --out_dir")
     t0 = time.time()
-    corpus = PretrainDataset(args.data_path, tokenizer, max_length=None, skip_bad_lines=bool(args.skip_bad_lines),
+    corpus = PretrainDataset(args.data_path, tokenizer, max_length=None, skip_bad_lines=args.skip_bad_lines,
                              text_column=args.text_column)
-    clear_out_dir(args.out_dir, args.overwrite)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for f in earlier:  # only now that the corpus is valid; the index first, so a half-cleared folder is never taken as complete
+        os.remove(os.path.join(args.out_dir, f))
     ranges = [(s, min(s + CHUNK_DOCS, len(corpus))) for s in range(0, len(corpus), CHUNK_DOCS)]
     writer = ShardWriter(args.out_dir, args.shard_tokens)
     bar = progress_bar(len(corpus), "tokenizing", unit="docs")

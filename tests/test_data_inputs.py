@@ -312,13 +312,11 @@ def test_shards_are_refused_with_another_tokenizer_and_errors_are_one_line(tok, 
     one_line_error(run("scripts/prepare_data.py", "--data_path", jsonl, "--out_dir", out), "--overwrite 1")
     assert run("scripts/prepare_data.py", "--data_path", jsonl, "--out_dir", out, "--overwrite", "1").returncode == 0
     bad = write_jsonl(tmp_path / "bad.jsonl", corpus_rows(3) + ['{"text": 5}'])
-    one_line_error(run("scripts/prepare_data.py", "--data_path", bad, "--out_dir", str(tmp_path / "b")),
+    one_line_error(run("scripts/prepare_data.py", "--data_path", bad, "--out_dir", out, "--overwrite", "1"),
                    "bad.jsonl:4:", '"text" is int')
-    one_line_error(run("train_full_sft.py", *TINY_FLAGS, "--data_path", out, "--out_dir", str(tmp_path / "o")),
-                   "token shards", "only train_pretrain.py")
-    pq.write_table(arrow_table([{"conversations": [{"role": "user", "content": "x"}]}] * 4), tmp_path / "sft.parquet")
-    one_line_error(run("train_full_sft.py", *TINY_FLAGS, "--data_path", str(tmp_path / "sft.parquet"),
-                       "--out_dir", str(tmp_path / "o")), "sft.parquet: row 0:", "no assistant message")
+    assert len(TokenShardDataset(out, tok)) == 20  # a bad corpus never clears the shards already there
+    with pytest.raises(DataFormatError, match="token shards from scripts/prepare_data.py: only train_pretrain.py reads it"):
+        SFTDataset(out, tok)
 
 
 def read_losses(out_dir, name):
@@ -326,7 +324,7 @@ def read_losses(out_dir, name):
         return [json.loads(line)["loss"] for line in f]
 
 
-def test_training_on_jsonl_parquet_shards_and_saved_folders_gives_the_same_losses(tok, tmp_path):
+def test_pretraining_on_jsonl_parquet_and_shards_gives_the_same_losses(tok, tmp_path):
     """The whole path (validation, sampler order, samples, collate) is the same whatever the input form."""
     rows = corpus_rows(32)
     jsonl = write_jsonl(tmp_path / "corpus.jsonl", rows)
@@ -340,17 +338,6 @@ def test_training_on_jsonl_parquet_shards_and_saved_folders_gives_the_same_losse
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses.append(read_losses(tmp_path / name, "pretrain_64.jsonl"))
     assert len(losses[0]) == 3 and losses[0] == losses[1] == losses[2]
-    sft = [{"conversations": [{"role": "user", "content": f"{a}加{b}等于多少？"}, {"role": "assistant", "content": f"等于{a + b}。"}]}
-           for a in range(4) for b in range(4)]
-    sft_jsonl = write_jsonl(tmp_path / "sft.jsonl", sft)
-    datasets.load_dataset("json", data_files=sft_jsonl, split="train").save_to_disk(str(tmp_path / "sft_saved"))
-    weights = str(tmp_path / "jsonl" / "pretrain_64.pth")
-    sft_losses = []
-    for name, path in [("sft_jsonl", sft_jsonl), ("sft_saved", str(tmp_path / "sft_saved"))]:
-        proc = run("train_full_sft.py", *flags, "--data_path", path, "--from_weight", weights, "--out_dir", str(tmp_path / name))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        sft_losses.append(read_losses(tmp_path / name, "full_sft_64.jsonl"))
-    assert len(sft_losses[0]) == 3 and sft_losses[0] == sft_losses[1]
 
 
 @pytest.mark.parametrize("script,flag", [("train_pretrain.py", "--text_column"), ("train_lora.py", "--conversations_column")])
