@@ -69,13 +69,15 @@ def tags_in_data(dataset, sequences, n=TAG_CHECK_SAMPLES):
 
 def main():
     parser = build_parser("MiniMind reasoning distillation", out_weight="reason", epochs=1, batch_size=8,
-                          learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf")
+                          learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf",
+                          data_column="conversations")
     g = parser.add_argument_group("reasoning")
     g.add_argument("--special_token_weight", type=nonneg_float, default=10.0, help="loss weight of <think>/</think>/<answer>/</answer>")
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                         conversations_column=args.conversations_column)
     sequences = tag_sequences(tokenizer, ctx.device)
     found = tags_in_data(dataset, sequences)
     if not found:

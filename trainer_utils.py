@@ -30,8 +30,10 @@ MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_
 
 
 def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, max_seq_len, data_path,
-                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False):
-    """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own."""
+                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False,
+                 data_column=None):
+    """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own.
+    data_column="text" adds --text_column, for a corpus that names the column the stage reads differently."""
     p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
@@ -52,7 +54,13 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--save_weight", type=plain_name, default=out_weight, help="prefix of the weight file this stage writes")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=data_path, help="jsonl training data")
+    g.add_argument("--data_path", default=data_path,
+                   help="training data: a jsonl file, a .parquet file, a folder or quoted glob of parquet files, or a "
+                        "folder written by datasets' save_to_disk" + (" (or token shards from scripts/prepare_data.py)"
+                                                                      if data_column == "text" else ""))
+    if data_column:
+        g.add_argument(f"--{data_column}_column", default=data_column,
+                       help=f'the key / column that holds "{data_column}", if the data names it differently')
     g.add_argument("--num_workers", type=nonneg_int, default=1, help="DataLoader worker processes")
     add_bool(g, "--skip_bad_lines", help="skip malformed data lines (and report how many) instead of stopping")
     if packing:
