@@ -69,22 +69,6 @@ def load_tokenizer(path="model"):
                         f"tokenizer.json / tokenizer_config.json, or train one with `python train_tokenizer.py`") from None
 
 
-def tokenizer_fingerprint(tokenizer):
-    """16 hex digits that change whenever the token ids of a text could: a hash of the tokenizer's vocabulary,
-    merges, normalizer, pre-tokenizer, added tokens, and its bos/eos/pad tokens. The chat template is left
-    out (it changes how a conversation is rendered, not the ids of a text)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        for state in ("truncation", "padding"):  # call settings, not part of the tokenizer
-            spec.pop(state, None)
-    else:
-        spec = sorted(tokenizer.get_vocab().items())
-    specials = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]
-    text = json.dumps([spec, specials], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------------------------------
 # validation: each check returns None for a good record, else (problem, hint)
 

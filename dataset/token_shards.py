@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.lm_dataset import DataFormatError, tokenizer_fingerprint
+from dataset.lm_dataset import DataFormatError
+from trainer.tokenizer_fingerprint import tokenizer_fingerprint
 
 FORMAT, VERSION = "minimind-token-shards", 1
 INDEX = "index.json"

@@ -23,7 +23,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
-from dataset.lm_dataset import PretrainDataset, load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from dataset.lm_dataset import PretrainDataset, load_tokenizer  # noqa: E402
+from trainer.tokenizer_fingerprint import tokenizer_fingerprint  # noqa: E402
 from dataset.token_shards import FORMAT, INDEX, VERSION  # noqa: E402
 from trainer.progress import progress_bar  # noqa: E402
 from trainer_utils import UserError, add_bool, atomic_write_text, run_main  # noqa: E402

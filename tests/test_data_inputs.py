@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from dataset.lm_dataset import (DataFormatError, DPODataset, PretrainDataset, SFTDataset, collate_fn, load_tokenizer,
-                                tokenizer_fingerprint)
+from dataset.lm_dataset import DataFormatError, DPODataset, PretrainDataset, SFTDataset, collate_fn, load_tokenizer
+from trainer.tokenizer_fingerprint import tokenizer_fingerprint
 from dataset.token_shards import TokenShardDataset
 from test_dataset import REASON, SYS_MULTI, TOOL_CONV
 
