@@ -208,7 +208,8 @@ def validation_message(errors):
         return None, "invalid request", ""
     def param_of(err):
         return ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_branch(x)) or None
-    deepest = max(errors, key=lambda e: len(param_of(e) or ""))
+    # deepest by path length; among equals the first, as pydantic checks fields in order ("type" before "function")
+    deepest = max(errors, key=lambda e: len((param_of(e) or "").split(".")) if param_of(e) else 0)
     param, kind = param_of(deepest), deepest.get("type", "")
     if kind == "json_invalid":  # its loc is a character offset
         return None, f"request body is not valid JSON ({deepest.get('ctx', {}).get('error', deepest['msg'])})", kind
