@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.lm_dataset import DPODataset, load_tokenizer, make_collate
-from trainer_utils import Context, build_parser, load_from_weight, run_main, train
+from trainer_utils import Context, build_parser, load_from_weight, positive_float, run_main, train
 
 
 def sequence_logprobs(model, input_ids, labels, reduction="mean"):
@@ -51,7 +51,7 @@ def main():
     parser = build_parser("MiniMind DPO", out_weight="rlhf", epochs=2, batch_size=8, learning_rate=1e-8,
                           max_seq_len=1024, data_path="dataset/dpo.jsonl", from_weight="full_sft")
     g = parser.add_argument_group("DPO")
-    g.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
+    g.add_argument("--beta", type=positive_float, default=0.1, help="strength of the KL anchor to the reference")
     g.add_argument("--logp_reduction", default="mean", choices=["mean", "sum"],
                    help="sequence log-prob: mean (MiniMind) or sum (the DPO paper) over reply tokens")
     args = parser.parse_args()

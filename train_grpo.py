@@ -18,6 +18,7 @@ from dataset.lm_dataset import load_tokenizer
 from trainer.rewards import Rewards, add_reward_args, reward_metrics, score_rollout
 from trainer.rollout import add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
+                           float_in, nonneg_float, positive_float,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
                            optimizer_step, run_main, set_lr, step_batches, wrap_ddp)
 
@@ -64,7 +65,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type="grpo", e
 
 def main():
     parser = build_parser("MiniMind GRPO / CISPO: reinforcement learning from rewards", out_weight="grpo", epochs=1,
-                          batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl",
+                          batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl", data_column="conversations",
                           from_weight="reason", log_interval=1, save_interval=50)
     parser.set_defaults(num_workers=0)  # a prompt is cheap to read: no worker process needed
     add_rollout_args(parser, num_generations=8)
@@ -73,9 +74,9 @@ def main():
     g.add_argument("--loss_type", default="cispo", choices=["grpo", "cispo"],
                    help="grpo: PPO-style clipped ratio (--epsilon); cispo: clipped, stop-gradient importance weight times "
                         "log-prob (--epsilon_high), MiniMind's default")
-    g.add_argument("--epsilon", type=float, default=0.2, help="grpo: the ratio is clipped to [1 - epsilon, 1 + epsilon]")
-    g.add_argument("--epsilon_high", type=float, default=5.0, help="cispo: upper bound of the importance weight")
-    g.add_argument("--beta", type=float, default=0.04, help="weight of the per-token KL to the reference (0: no reference model)")
+    g.add_argument("--epsilon", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.2, help="grpo: the ratio is clipped to [1 - epsilon, 1 + epsilon]")
+    g.add_argument("--epsilon_high", type=positive_float, default=5.0, help="cispo: upper bound of the importance weight")
+    g.add_argument("--beta", type=nonneg_float, default=0.04, help="weight of the per-token KL to the reference (0: no reference model)")
     args = parser.parse_args()
     if args.num_generations < 2:
         raise UserError(f"--num_generations {args.num_generations}: GRPO compares replies within a group; use 2 or more")
@@ -95,7 +96,7 @@ def main():
     steps_per_epoch, total_steps = count_steps(loader, args)
     state = new_run_state(args, ctx, total_steps, len(dataset), num_generations=args.num_generations)
     parts = {"model": model, "optimizer": optimizer}
-    load_resume(args, ctx, state, parts)
+    load_resume(args, ctx, state, parts, total_steps)
     ddp_model = wrap_ddp(model, ctx)
     logger, means, skips = Logger(args, ctx, "grpo", state), RunningMeans(), SkippedSteps(args.max_nonfinite)
     G = args.num_generations
@@ -116,7 +117,7 @@ def main():
         lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
         set_lr(optimizer, lr)
         bad = torch.zeros((), device=ctx.device)
-        for micro, samples in enumerate(batches):
+        for micro, (samples, _) in enumerate(batches):
             # 1. rollout: G replies per prompt, sampled by the current policy
             t0 = time.time()
             with ctx.autocast:
@@ -142,13 +143,13 @@ def main():
             means.add({"loss": loss, **reward_metrics(reward, reward_parts), **metrics,
                        "reply_len": rollout.reply_mask.sum(dim=1).mean(), "no_signal": no_signal,
                        "rollout_share": rollout_s / max(time.time() - t0, 1e-9)})
-        skips.update(ctx, optimizer_step(ctx, [(optimizer, params)], args.grad_clip, bad), state["step"] + 1)
+        optimizer_step(ctx, state, [(optimizer, params)], args.grad_clip, skips, bad)
         state["step"] += 1
 
         if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips):
             stopped_early = True
             break
-    end_run(args, ctx, state, total_steps, parts, logger, stopped_early)
+    end_run(args, ctx, state, total_steps, parts, logger, stopped_early, skips)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataset.lm_dataset import load_tokenizer
 from trainer.rewards import Rewards, add_reward_args, reward_metrics, score_rollout
 from trainer.rollout import add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
+                           float_in, nonneg_float, positive_float, positive_int,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
                            optimizer_step, run_main, set_lr, step_batches, unwrap, wrap_ddp)
 
@@ -98,26 +99,26 @@ def main():
     parser = build_parser("MiniMind PPO: reinforcement learning from rewards with a critic. A step (--max_steps, "
                           "--log_interval, --save_interval) is one rollout batch of --batch_size prompts and its passes.",
                           out_weight="ppo", epochs=1,
-                          batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl",
+                          batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl", data_column="conversations",
                           from_weight="reason", log_interval=1, save_interval=50)
     parser.set_defaults(num_workers=0)  # a prompt is cheap to read: no worker process needed
     add_rollout_args(parser, num_generations=1)
     add_reward_args(parser, rewards="format,answer")
     g = parser.add_argument_group("PPO")
-    g.add_argument("--ppo_epochs", "--ppo_update_iters", dest="ppo_epochs", type=int, default=2,
+    g.add_argument("--ppo_epochs", "--ppo_update_iters", dest="ppo_epochs", type=positive_int, default=2,
                    help="passes over each rollout batch")
-    g.add_argument("--mini_batch_size", type=int, default=4, help="replies per policy/critic update within a pass")
-    g.add_argument("--epsilon", "--clip_epsilon", dest="epsilon", type=float, default=0.2,
+    g.add_argument("--mini_batch_size", type=positive_int, default=4, help="replies per policy/critic update within a pass")
+    g.add_argument("--epsilon", "--clip_epsilon", dest="epsilon", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.2,
                    help="the policy ratio is clipped to [1 - epsilon, 1 + epsilon]")
-    g.add_argument("--value_clip", "--cliprange_value", dest="value_clip", type=float, default=0.2,
+    g.add_argument("--value_clip", "--cliprange_value", dest="value_clip", type=positive_float, default=0.2,
                    help="a new value may move at most this far from the rollout's value before its loss stops counting")
-    g.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss")
-    g.add_argument("--kl_coef", type=float, default=0.02, help="per-token reward -kl_coef * (logp - ref_logp)")
-    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
-    g.add_argument("--lam", type=float, default=0.95, help="GAE lambda (1: Monte Carlo returns, 0: one-step TD)")
-    g.add_argument("--target_kl", "--early_stop_kl", dest="target_kl", type=float, default=0.1,
+    g.add_argument("--vf_coef", type=nonneg_float, default=0.5, help="weight of the value loss")
+    g.add_argument("--kl_coef", type=nonneg_float, default=0.02, help="per-token reward -kl_coef * (logp - ref_logp)")
+    g.add_argument("--gamma", type=float_in(0, 1), default=1.0, help="GAE discount")
+    g.add_argument("--lam", type=float_in(0, 1), default=0.95, help="GAE lambda (1: Monte Carlo returns, 0: one-step TD)")
+    g.add_argument("--target_kl", "--early_stop_kl", dest="target_kl", type=nonneg_float, default=0.1,
                    help="stop the passes over a batch when the approximate KL to the sampling policy exceeds this (0: never)")
-    g.add_argument("--critic_learning_rate", type=float, default=5e-6, help="peak LR of the critic (same schedule)")
+    g.add_argument("--critic_learning_rate", type=positive_float, default=5e-6, help="peak LR of the critic (same schedule)")
     args = parser.parse_args()
     n_replies = args.batch_size * args.num_generations
     if args.accumulation_steps != 1:
@@ -145,7 +146,7 @@ def main():
     state = new_run_state(args, ctx, total_steps, len(dataset), num_generations=args.num_generations,
                           mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs)
     parts = {"model": model, "optimizer": optimizer, "critic": critic, "critic_optimizer": critic_optimizer}
-    load_resume(args, ctx, state, parts)
+    load_resume(args, ctx, state, parts, total_steps)
     ddp_model, ddp_critic = wrap_ddp(model, ctx), wrap_ddp(critic, ctx)
     logger, means, skips = Logger(args, ctx, "ppo", state), RunningMeans(), SkippedSteps(args.max_nonfinite)
     G = args.num_generations
@@ -160,7 +161,7 @@ def main():
     def log_record():
         return {**means.read(ctx), "lr": lr}
 
-    for (samples,) in step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
+    for [(samples, _)] in step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):  # one batch a step
         lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
         set_lr(optimizer, lr)
         set_lr(critic_optimizer, get_lr(state["step"], total_steps, args.critic_learning_rate, args.warmup_iters))
@@ -196,8 +197,7 @@ def main():
                 loss = policy_loss + args.vf_coef * value_loss + aux_loss + critic_aux
                 bad = (~torch.isfinite(loss.detach())).float()
                 ctx.scaler.scale(loss).backward()
-                stepped = optimizer_step(ctx, [(optimizer, params), (critic_optimizer, critic_params)], args.grad_clip, bad)
-                skips.update(ctx, stepped, state["step"] + 1)
+                optimizer_step(ctx, state, [(optimizer, params), (critic_optimizer, critic_params)], args.grad_clip, skips, bad)
                 updates += 1
                 means.add({"policy_loss": policy_loss, "value_loss": value_loss, "approx_kl": approx_kl, **metrics})
             if early_stop:
@@ -210,7 +210,7 @@ def main():
         if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips):
             stopped_early = True
             break
-    end_run(args, ctx, state, total_steps, parts, logger, stopped_early)
+    end_run(args, ctx, state, total_steps, parts, logger, stopped_early, skips)
 
 
 if __name__ == "__main__":

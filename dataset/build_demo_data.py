@@ -16,6 +16,7 @@ to an eval file (so no eval prompt appears in any training file of any stage); t
 asks questions phrased in ways never used for training; the reasoning eval uses reserved numbers.
 """
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -23,14 +24,21 @@ import random
 import re
 import sys
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python dataset/build_demo_data.py`
+    sys.path.insert(0, ROOT)
+
+from trainer.cli import ArgumentParser, nonneg_int, run_main, seed_int  # noqa: E402
+from trainer.tools import TOOLS, run_tool_call  # noqa: E402  (the tool-use data runs the real tools)
+
+DEFAULT_OUT = os.path.join(ROOT, "dataset", "demo")
 SIZES = dict(  # default line counts; each is a --flag
-    pretrain_eval=200, sft=4000, sft_eval=200, dpo=1500, dpo_eval=200, r1=2000, r1_eval=200,
+    pretrain_eval=200, sft=4000, sft_eval=200, sft_tools=400, tool_eval=100, dpo=1500, dpo_eval=200, r1=2000, r1_eval=200,
     lora_identity=800, lora_identity_eval=60, lora_medical=400, rlaif=1000, rlaif_eval=200,
 )
 FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
     "pretrain": ["pretrain_hq.jsonl", "pretrain_eval.jsonl"],
-    "sft": ["sft_mini_512.jsonl", "sft_eval.jsonl"],
+    "sft": ["sft_mini_512.jsonl", "sft_eval.jsonl", "tool_eval.jsonl"],  # SFT holds sft_tools tool-use conversations
     "dpo": ["dpo.jsonl", "dpo_eval.jsonl"],
     "r1": ["r1_mix_1024.jsonl", "r1_eval.jsonl"],
     "lora_identity": ["lora_identity.jsonl", "lora_identity_eval.jsonl"],
@@ -508,9 +516,19 @@ def split_by_prompt(make, rng, n_train, n_eval, key_of, tries_per_line=50):
     return train, evals
 
 
-def build_sft(rng, n, n_eval):
-    return split_by_prompt(lambda r: {"conversations": sft_conversation(r)}, rng, n, n_eval,
-                           lambda rec: prompt_key(rec["conversations"]))
+def build_sft(rng, n, n_eval, n_tools=0, n_tool_eval=0):
+    """Chat conversations plus n_tools tool-use conversations mixed in (the SFT stage learns both), the
+    held-out chat split, and the held-out tool split (phrasings never used in training)."""
+    train, evals = split_by_prompt(lambda r: {"conversations": sft_conversation(r)}, rng, n, n_eval,
+                                   lambda rec: prompt_key(rec["conversations"]))
+    tools = []
+    while len(tools) < n_tools:
+        conv = tool_conversation(rng)
+        if not reserved_for_eval(prompt_key(conv)):
+            tools.append({"conversations": conv})
+    for rec in tools:  # spread them through the file at seeded positions
+        train.insert(rng.randint(0, len(train)), rec)
+    return train, evals, build_tool_eval(rng, n_tool_eval)
 
 
 def build_dpo(rng, n, n_eval):
@@ -561,9 +579,132 @@ def build_lora_medical(rng, n):
 
 
 # ----------------------------------------------------------------------------------------------------
+# tool use: conversations over the real tools of trainer/tools.py (their results are computed by running
+# them), in OpenAI's message shape (tools on the system message, assistant tool_calls, role "tool").
+# Eval questions use phrasings that never occur in training (the *_EVAL templates).
+
+UNIT_PAIRS = [  # (from, to, zh from, zh to, en from, en to, value range)
+    ("km", "mi", "公里", "英里", "kilometers", "miles", (1, 500)), ("mi", "km", "英里", "公里", "miles", "kilometers", (1, 300)),
+    ("kg", "lb", "公斤", "磅", "kilograms", "pounds", (1, 200)), ("lb", "kg", "磅", "公斤", "pounds", "kilograms", (1, 400)),
+    ("c", "f", "摄氏度", "华氏度", "degrees Celsius", "degrees Fahrenheit", (-30, 120)),
+    ("f", "c", "华氏度", "摄氏度", "degrees Fahrenheit", "degrees Celsius", (-20, 250)),
+    ("m", "ft", "米", "英尺", "meters", "feet", (1, 1000)), ("h", "min", "小时", "分钟", "hours", "minutes", (1, 48)),
+    ("l", "gal", "升", "加仑", "liters", "gallons", (1, 200)), ("jin", "kg", "斤", "公斤", "jin", "kilograms", (1, 200)),
+]
+CALC_Q = {"zh": ["{e}等于多少？", "请计算{e}", "{e}的结果是多少？", "帮我算一下{e}"],
+          "en": ["What is {e}?", "Calculate {e}.", "Please compute {e}."]}
+CALC_Q_EVAL = {"zh": ["算算{e}是几", "{e}得多少？"], "en": ["How much is {e}?", "Work out {e} for me."]}
+UNITS_Q = {"zh": ["{v}{a}等于多少{b}？", "把{v}{a}换算成{b}", "{v}{a}是多少{b}？"],
+           "en": ["How many {b} is {v} {a}?", "Convert {v} {a} to {b}."]}
+UNITS_Q_EVAL = {"zh": ["{v}{a}合多少{b}？"], "en": ["What is {v} {a} in {b}?"]}
+WEEKDAY_Q = {"zh": ["{d}是星期几？", "{d}那天是周几？"], "en": ["What day of the week is {d}?", "Which weekday is {d}?"]}
+WEEKDAY_Q_EVAL = {"zh": ["请问{d}是星期几"], "en": ["On what weekday does {d} fall?"]}
+ADD_DAYS_Q = {"zh": ["{d}之后{n}天是哪一天？", "从{d}起过{n}天是几号？"], "en": ["What date is {n} days after {d}?"]}
+ADD_DAYS_Q_EVAL = {"zh": ["{d}再过{n}天是什么日子？"], "en": ["Which date comes {n} days after {d}?"]}
+BETWEEN_Q = {"zh": ["从{d}到{e}有多少天？", "{d}和{e}之间相差几天？"], "en": ["How many days are there from {d} to {e}?"]}
+BETWEEN_Q_EVAL = {"zh": ["{d}距离{e}有几天？"], "en": ["Count the days between {d} and {e}."]}
+ANSWER = {  # final replies; each holds the tool's result {r} verbatim
+    "calculator": {"zh": ["{e} = {r}。", "计算结果是{r}。"], "en": ["{e} = {r}.", "The result is {r}."]},
+    "units": {"zh": ["{v}{a}约等于{r}{b}。", "换算结果：{r}{b}。"], "en": ["{v} {a} is about {r} {b}.", "That is {r} {b}."]},
+    "weekday": {"zh": ["{d}是{r}。", "那天是{r}。"], "en": ["{d} is a {r}.", "It is a {r}."]},
+    "add_days": {"zh": ["是{r}。", "那一天是{r}。"], "en": ["It is {r}.", "That date is {r}."]},
+    "between": {"zh": ["相差{r}。", "一共{r}。"], "en": ["There are {r}.", "The difference is {r}."]},
+    "chain": {"zh": ["结果约为{r}{b}。"], "en": ["The result is about {r} {b}."]},
+}
+NO_TOOL_ITEMS = [item_capital, item_legs, item_antonym, item_translate, item_chitchat, item_identity]
+
+
+def random_date(rng):
+    return datetime.date(2020, 1, 1) + datetime.timedelta(days=rng.randint(0, 3650))
+
+
+def random_expression(rng):
+    kind = rng.choice(["two", "two", "two", "three", "paren"])
+    a, b, c = rng.randint(2, 999), rng.randint(2, 99), rng.randint(2, 99)
+    op1, op2 = rng.choice("+-*"), rng.choice("+-*/")
+    if kind == "two":
+        return f"{a} {op1} {b}"
+    if kind == "three":
+        return f"{a} {op1} {b} {op2} {c}"
+    return f"({a} {op1} {b}) {op2} {c}"
+
+
+def tool_call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def tool_question(rng, lang, held_out):
+    """-> (question, [(tool name, arguments)], answer kind, fields for the answer template)."""
+    pick = lambda table, table_eval: rng.choice((table_eval if held_out else table)[lang])  # noqa: E731
+    kind = rng.choices(["calculator", "units", "weekday", "add_days", "between", "chain"], weights=[35, 30, 10, 10, 8, 7])[0]
+    if kind == "calculator":
+        e = random_expression(rng)
+        return pick(CALC_Q, CALC_Q_EVAL).format(e=e), [("calculator", {"expression": e})], kind, {"e": e}
+    if kind in ("units", "chain"):
+        src, dst, zs, zd, es, ed, (lo, hi) = rng.choice(UNIT_PAIRS)
+        a, b = (zs, zd) if lang == "zh" else (es, ed)
+        if kind == "units":
+            v = rng.randint(lo, hi)
+            return (pick(UNITS_Q, UNITS_Q_EVAL).format(v=v, a=a, b=b), [("units", {"value": v, "from": src, "to": dst})],
+                    kind, {"v": v, "a": a, "b": b})
+        x, y = rng.randint(max(lo, 1), hi), rng.randint(2, 20)  # two steps: the sum first, then its conversion
+        q = (f"{x}{a}加上{y}{a}一共是多少{b}？" if lang == "zh" else f"How many {b} are {x} {a} plus {y} {a}?")
+        return q, [("calculator", {"expression": f"{x} + {y}"}), ("units", {"value": None, "from": src, "to": dst})], kind, {"b": b}
+    d = random_date(rng)
+    if kind == "weekday":
+        return pick(WEEKDAY_Q, WEEKDAY_Q_EVAL).format(d=d), [("dates", {"start": str(d)})], kind, {"d": d}
+    if kind == "add_days":
+        n = rng.randint(1, 400)
+        return pick(ADD_DAYS_Q, ADD_DAYS_Q_EVAL).format(d=d, n=n), [("dates", {"start": str(d), "days": n})], kind, {}
+    e = d + datetime.timedelta(days=rng.randint(1, 900))
+    return pick(BETWEEN_Q, BETWEEN_Q_EVAL).format(d=d, e=e), [("dates", {"start": str(d), "end": str(e)})], kind, {}
+
+
+def offered_tools(rng, needed, held_out):
+    """The tools on the system message: all three at eval (like `--tools all`); in training mostly all three
+    too, else the needed ones plus some others, in random order."""
+    if held_out or rng.random() < 0.7:
+        return [t.schema for t in TOOLS.values()]
+    names = set(needed) | set(rng.sample(list(TOOLS), rng.randint(0, len(TOOLS))))
+    order = [n for n in TOOLS if n in names]
+    rng.shuffle(order)
+    return [TOOLS[n].schema for n in order]
+
+
+def tool_conversation(rng, held_out=False):
+    """One tool-use conversation; its tool results come from running the tools. About one in six offers tools
+    but asks something that needs none (answered directly)."""
+    lang = "en" if rng.random() < 0.3 else "zh"
+    system = {"role": "system", "content": rng.choice(SYSTEM_GENERIC[:2]) if rng.random() < 0.3 else ""}
+    if rng.random() < 0.16:
+        q, a, _ = rng.choice(NO_TOOL_ITEMS)(rng, lang)
+        system["tools"] = json.dumps(offered_tools(rng, [], held_out), ensure_ascii=False)
+        return [system, msg("user", q), msg("assistant", a)]
+    q, calls, kind, fields = tool_question(rng, lang, held_out)
+    system["tools"] = json.dumps(offered_tools(rng, [name for name, _ in calls], held_out), ensure_ascii=False)
+    conv = [system, msg("user", q)]
+    result = None
+    for step, (name, args) in enumerate(calls):
+        if args.get("value", 0) is None:  # the second step of a chain converts the first step's result
+            args = dict(args, value=int(result) if float(result).is_integer() else float(result))
+        call_id = f"call_{step}"
+        conv.append({"role": "assistant", "content": "", "tool_calls": json.dumps([dict(tool_call(name, args), id=call_id)])})
+        result = run_tool_call({"name": name, "arguments": args}, TOOLS)
+        conv.append({"role": "tool", "tool_call_id": call_id, "content": result})
+    reply = rng.choice(ANSWER[kind][lang]).format(r=result, **fields)
+    conv.append(msg("assistant", reply))
+    return conv
+
+
+def build_tool_eval(rng, n_eval):
+    return [{"conversations": tool_conversation(rng, held_out=True)} for _ in range(n_eval)]
+
+
+# ----------------------------------------------------------------------------------------------------
 # reasoning: arithmetic word problems with <think>/<answer>
 
 R1_EVAL_NUMBERS = {7, 13, 19, 23, 29, 37, 41, 47}  # a problem goes to eval iff it shows one of these
+THINKING_OFF_SHARE = 0.15  # training problems answered with thinking switched off (empty think block)
 NAMES_ZH = ["小明", "小红", "小刚", "小丽", "小华", "小军"]
 THINGS_ZH = [("苹果", "个"), ("铅笔", "支"), ("书", "本"), ("糖果", "颗"), ("贴纸", "张"), ("气球", "个")]
 NAMES_EN = ["Tom", "Anna", "Lily", "Jack", "Mia", "Sam"]
@@ -617,14 +758,21 @@ def word_problem(rng):
     return nums, q, steps, r
 
 
-def r1_record(q, steps, r):
+def r1_record(q, steps, r, thinking=True):
+    """MiniMind2's r1 format (the think part inside the content); thinking=False is a thinking-off sample in
+    MiniMind-3's fields: empty reasoning_content, which the chat template renders as the empty think block that
+    enable_thinking=False pre-fills, so the model learns to answer right after it."""
+    if not thinking:
+        return {"conversations": [msg("user", q), {"role": "assistant", "content": f"<answer>\n{r}\n</answer>",
+                                                    "reasoning_content": ""}]}
     answer = "<think>\n" + "\n".join(steps) + "\n</think>\n<answer>\n" + str(r) + "\n</answer>"
     return {"conversations": [msg("user", q), msg("assistant", answer)]}
 
 
-def split_word_problems(rng, n, n_eval, record):
+def split_word_problems(rng, n, n_eval, record, train_record=None):
     """Draw distinct word problems until both splits are full: a problem showing a reserved number goes to
-    eval, any other to train. record(question, steps, answer) makes the line."""
+    eval, any other to train. record(question, steps, answer) makes the line (train_record, if given, a
+    training line)."""
     train, evals, seen = [], [], set()
     for _ in range((n + n_eval) * 50):
         if len(train) >= n and len(evals) >= n_eval:
@@ -637,12 +785,13 @@ def split_word_problems(rng, n, n_eval, record):
             if len(evals) < n_eval:
                 evals.append(record(q, steps, r))
         elif len(train) < n:
-            train.append(record(q, steps, r))
+            train.append((train_record or record)(q, steps, r))
     return train, evals
 
 
 def build_r1(rng, n, n_eval):
-    return split_word_problems(rng, n, n_eval, r1_record)
+    return split_word_problems(rng, n, n_eval, r1_record,
+                               lambda q, steps, r: r1_record(q, steps, r, thinking=rng.random() >= THINKING_OFF_SHARE))
 
 
 def rlaif_record(q, r):
@@ -687,7 +836,8 @@ dataset/build_demo_data.py (the medical answers are general health tips, not med
 """
 STAGE_NOTE = {
     "pretrain_hq.jsonl": "pretrain", "pretrain_eval.jsonl": "pretrain (held out)",
-    "sft_mini_512.jsonl": "full SFT (identity: MiniMind)", "sft_eval.jsonl": "full SFT (held out)",
+    "sft_mini_512.jsonl": "full SFT (identity: MiniMind; with tool-use conversations)", "sft_eval.jsonl": "full SFT (held out)",
+    "tool_eval.jsonl": "tool use (held out: unseen phrasings and numbers, all three tools offered)",
     "dpo.jsonl": "DPO", "dpo_eval.jsonl": "DPO (held out)",
     "r1_mix_1024.jsonl": "reasoning distillation", "r1_eval.jsonl": "reasoning (held out, unseen numbers)",
     "lora_identity.jsonl": "LoRA identity (小星 / XiaoXing)", "lora_identity_eval.jsonl": "LoRA identity (unseen phrasings)",
@@ -725,7 +875,8 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=600_000, 
         if stage == "pretrain":
             tr, ev = build_pretrain(rng(stage), sz["pretrain_eval"], pretrain_zh_chars, pretrain_en_chars)
         elif stage == "sft":
-            tr, ev = build_sft(rng(stage), sz["sft"], sz["sft_eval"])
+            tr, ev, tool_ev = build_sft(rng(stage), sz["sft"], sz["sft_eval"], sz["sft_tools"], sz["tool_eval"])
+            emit(FILES[stage][2], tool_ev)
         elif stage == "dpo":
             tr, ev = build_dpo(rng(stage), sz["dpo"], sz["dpo_eval"])
         elif stage == "r1":
@@ -764,16 +915,16 @@ def ensure_demo_data(out_dir=DEFAULT_OUT, **kwargs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=DEFAULT_OUT)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed_int, default=42)
     p.add_argument("--only", nargs="+", choices=list(FILES), help="build only these stages")
     p.add_argument("--if_missing", action="store_true", help="do nothing when every file already exists")
-    p.add_argument("--pretrain_zh_chars", type=int, default=600_000,
+    p.add_argument("--pretrain_zh_chars", type=nonneg_int, default=600_000,
                    help="Chinese characters of People's Daily to use (0 = all, ~1.8M)")
-    p.add_argument("--pretrain_en_chars", type=int, default=0, help="English characters to use (0 = all, ~0.2M)")
+    p.add_argument("--pretrain_en_chars", type=nonneg_int, default=0, help="English characters to use (0 = all, ~0.2M)")
     for k, v in SIZES.items():
-        p.add_argument(f"--{k}", type=int, default=v, help=f"lines (default {v})")
+        p.add_argument(f"--{k}", type=nonneg_int, default=v, help=f"lines (default {v})")
     args = p.parse_args(argv)
     if args.if_missing and not missing_files(args.out_dir):
         print(f"{args.out_dir}: demo data already present")
@@ -783,4 +934,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

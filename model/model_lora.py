@@ -9,11 +9,14 @@ import math
 import torch
 from torch import nn
 
+from trainer.cli import UserError
+from trainer.file_io import atomic_torch_save, read_torch_file
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class LoRAError(ValueError):
-    pass
+class LoRAError(UserError, ValueError):
+    """An adapter that does not fit the model, or a file that is not an adapter (one line, exit 1)."""
 
 
 def _lora_forward_hook(module, inputs, output):
@@ -63,20 +66,31 @@ def lora_state_dict(model):
 
 def save_lora(model, path):
     """Adapter weights only, plus rank/alpha/targets, written atomically."""
-    import os
     payload = {"lora": {k: v.cpu() for k, v in lora_state_dict(model).items()}, "meta": dict(model._lora_meta)}
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path)
 
 
-def load_lora(model, path, map_location="cpu"):
-    """Apply (if needed) and load an adapter saved by save_lora. Strict: targets, rank and every shape
-    must match this model."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or "lora" not in payload or "meta" not in payload:
-        raise LoRAError(f"{path}: not a LoRA file written by save_lora (no 'lora'/'meta' entries)")
+def _check_lora_payload(payload, path):
+    """The parts of an adapter file, checked before any of them touches the model."""
+    fix = "train it again with train_lora.py, or check --lora_name / --out_dir"
+    if not isinstance(payload, dict) or not isinstance(payload.get("lora"), dict) or not isinstance(payload.get("meta"), dict):
+        raise LoRAError(f"{path}: not a LoRA file written by save_lora (no 'lora'/'meta' entries); {fix}")
     meta, weights = payload["meta"], payload["lora"]
+    rank, alpha, targets = meta.get("rank"), meta.get("alpha"), meta.get("targets")
+    if (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(alpha, (int, float))
+            or isinstance(alpha, bool) or not math.isfinite(alpha) or not isinstance(targets, list)
+            or not targets or not all(isinstance(t, str) for t in targets)):
+        raise LoRAError(f"{path}: its rank/alpha/targets ({rank!r}/{alpha!r}/{targets!r}) are not a LoRA setting; {fix}")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise LoRAError(f"{path}: its 'lora' entry is not a dict of tensors; {fix}")
+    return meta, weights
+
+
+def load_lora(model, path):
+    """Apply (if needed) and load an adapter saved by save_lora. Strict: targets, rank and every shape
+    must match this model. A missing, empty, truncated or foreign file is one clear LoRAError/UserError."""
+    payload = read_torch_file(path, "LoRA adapter", "train it again with train_lora.py, or check --lora_name / --out_dir")
+    meta, weights = _check_lora_payload(payload, path)
     if lora_layers(model):
         have = model._lora_meta
         if have["rank"] != meta["rank"] or sorted(have["targets"]) != sorted(meta["targets"]):

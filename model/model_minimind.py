@@ -5,7 +5,9 @@ feed-forward -> MoE (switched on by `use_moe`) -> block -> model -> causal LM he
 
 Parameter names follow transformers' Llama (model.embed_tokens, model.layers.N.self_attn.q_proj, ...),
 so a dense checkpoint loads into LlamaForCausalLM unchanged, and config fields and MoE keys follow the
-published MiniMind2 models (mlp.gate.weight, mlp.experts.N.*, mlp.shared_experts.N.*).
+published MiniMind2 models (mlp.gate.weight, mlp.experts.N.*, mlp.shared_experts.N.*). MiniMind-3's
+architecture is a set of config options (`minimind3_options`: QK-norm as self_attn.q_norm/k_norm, wider
+FFN, 4 KV heads, top-1 MoE without shared expert); a dense model with them is transformers' Qwen3.
 """
 import math
 
@@ -38,6 +40,8 @@ class MiniMindConfig(PretrainedConfig):
         num_attention_heads: int = 8,
         num_key_value_heads: int = 2,
         intermediate_size: int | None = None,  # None: 64 * ceil(8 * hidden / 3 / 64), 1408 at 512
+        head_dim: int | None = None,  # None: hidden_size / num_attention_heads
+        qk_norm: bool = False,  # RMSNorm on each head's queries and keys before RoPE (MiniMind-3, Qwen3)
         vocab_size: int = 6400,
         max_position_embeddings: int = 32768,
         rms_norm_eps: float = 1e-5,
@@ -61,7 +65,9 @@ class MiniMindConfig(PretrainedConfig):
         scoring_func: str = "softmax",
         aux_loss_alpha: float = 0.1,
         seq_aux: bool = True,
-        norm_topk_prob: bool = True,
+        norm_topk_prob: bool = True,  # rescale the chosen experts' gate weights to sum to 1 (when more than one)
+        norm_top1_prob: bool = False,  # also for a single chosen expert, whose weight becomes 1 (MiniMind-3)
+        moe_intermediate_size: int | None = None,  # width of each expert; None: intermediate_size
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -71,6 +77,11 @@ class MiniMindConfig(PretrainedConfig):
         if intermediate_size is None:
             intermediate_size = 64 * ((int(hidden_size * 8 / 3) + 63) // 64)
         self.intermediate_size = intermediate_size
+        if head_dim is None and num_attention_heads > 0 and hidden_size % num_attention_heads:
+            raise ValueError(f"MiniMindConfig.num_attention_heads={num_attention_heads}: must divide "
+                             f"hidden_size={hidden_size} (or set head_dim)")
+        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.qk_norm = qk_norm
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
@@ -94,26 +105,45 @@ class MiniMindConfig(PretrainedConfig):
         self.aux_loss_alpha = aux_loss_alpha
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
+        self.norm_top1_prob = norm_top1_prob
+        self.moe_intermediate_size = moe_intermediate_size if moe_intermediate_size is not None else intermediate_size
+        self.check()  # before transformers' own validators, which fail on wrong types with less clear errors
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-        self.check()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     def check(self):
-        """Clear errors for configs that would otherwise fail deep inside a matmul."""
+        """Clear errors for configs that would otherwise fail deep inside a matmul (a hand-edited or foreign
+        config .json can hold anything: strings, floats, negative sizes)."""
         def bad(field, why):
-            raise ValueError(f"MiniMindConfig.{field}={getattr(self, field)}: {why}")
+            raise ValueError(f"MiniMindConfig.{field}={getattr(self, field)!r}: {why}")
         for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "intermediate_size", "vocab_size"):
-            if getattr(self, field) <= 0:
+                      "intermediate_size", "moe_intermediate_size", "head_dim", "vocab_size", "max_position_embeddings",
+                      "num_experts_per_tok", "n_routed_experts", "n_shared_experts"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                bad(field, "must be an integer")
+            if value <= 0 and field != "n_shared_experts":
                 bad(field, "must be positive")
-        if self.hidden_size % self.num_attention_heads:
-            bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+            if value < 0:
+                bad(field, "must not be negative")
+        for field, low in (("rms_norm_eps", 0.0), ("rope_theta", 0.0), ("dropout", None), ("initializer_range", None),
+                           ("aux_loss_alpha", None)):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                bad(field, "must be a finite number")
+            if (low is not None and value <= low) or value < 0:
+                bad(field, "must be positive" if low is not None else "must not be negative")
+        if self.dropout >= 1:
+            bad("dropout", "must be below 1")
+        for field in ("use_moe", "flash_attn", "seq_aux", "norm_topk_prob", "norm_top1_prob", "qk_norm", "inference_rope_scaling"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be true or false")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' is supported")
+        if self.yarn_scaling is not None and not isinstance(self.yarn_scaling, dict):
+            bad("yarn_scaling", "must be an object of YaRN settings or null")
         if self.head_dim % 2:
-            bad("num_attention_heads", f"head_dim={self.head_dim} must be even for RoPE")
+            bad("head_dim", "must be even for RoPE")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.use_moe:
@@ -122,19 +152,83 @@ class MiniMindConfig(PretrainedConfig):
             if self.scoring_func != "softmax":
                 bad("scoring_func", "only 'softmax' is supported")
 
+    def _dense_hf_fields(self):
+        """The fields a transformers Llama or Qwen3 config shares with ours (tied embeddings, no biases)."""
+        return dict(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
+            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            tie_word_embeddings=True, attention_bias=False,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+
     def to_llama_config(self):
         """The transformers LlamaConfig whose LlamaForCausalLM takes a dense MiniMind state dict as is."""
         from transformers import LlamaConfig
-        if self.use_moe or self.yarn_scaling:
-            raise ValueError("only a dense model without YaRN maps onto LlamaForCausalLM")
-        return LlamaConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, hidden_act=self.hidden_act,
-            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+        if self.use_moe or self.yarn_scaling or self.qk_norm:
+            raise ValueError("only a dense model without YaRN or QK-norm maps onto LlamaForCausalLM")
+        return LlamaConfig(**self._dense_hf_fields(), mlp_bias=False)
+
+    def to_qwen3_config(self):
+        """The transformers Qwen3Config whose Qwen3ForCausalLM takes a dense QK-norm (MiniMind-3) state dict as is."""
+        from transformers import Qwen3Config
+        if self.use_moe or self.yarn_scaling or not self.qk_norm:
+            raise ValueError("only a dense model with QK-norm and without YaRN maps onto Qwen3ForCausalLM")
+        return Qwen3Config(**self._dense_hf_fields(), use_sliding_window=False)
+
+
+def minimind3_options(hidden_size: int) -> dict:
+    """MiniMind-3's architecture as options of this model (MiniMind2's are the defaults): QK-norm, FFN
+    width 64*ceil(pi*hidden/64), 8 query / 4 KV heads, RMSNorm eps 1e-6; its MoE routes each token to 1 of
+    4 experts (no shared expert; the chosen expert's output is not scaled by its gate probability) with a
+    token-level load-balancing loss of weight 5e-4."""
+    return dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=64 * math.ceil(hidden_size * math.pi / 64),
+                rms_norm_eps=1e-6, qk_norm=True, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0,
+                norm_top1_prob=True, aux_loss_alpha=5e-4, seq_aux=False)
+
+
+# MiniMind-3's config.json spells two MoE fields the Qwen3-MoE way.
+MINIMIND3_FIELD_NAMES = {"num_experts": "n_routed_experts", "router_aux_loss_coef": "aux_loss_alpha"}
+
+
+def is_minimind3_config(cfg: dict) -> bool:
+    """A config dict written by MiniMind-3's own code (it has no qk_norm field: QK-norm is always on there)."""
+    return "qk_norm" not in cfg and any(k in cfg for k in ("router_aux_loss_coef", "num_experts", "moe_intermediate_size"))
+
+
+def config_from_minimind3(cfg: dict, **overrides) -> "MiniMindConfig":
+    """MiniMindConfig for a config dict saved by MiniMind-3's code: its defaults, then its fields."""
+    fields = {MINIMIND3_FIELD_NAMES.get(k, k): v for k, v in cfg.items()}
+    options = minimind3_options(fields.get("hidden_size", 768))
+    options.update(hidden_size=768, num_hidden_layers=8)
+    options.update({k: v for k, v in fields.items() if k != "rope_scaling" or v})
+    options.update(overrides)
+    return MiniMindConfig(**options)
+
+
+def is_minimind3_state_dict(sd: dict) -> bool:
+    """MiniMind-3's weights carry QK-norm (self_attn.q_norm/k_norm); MiniMind2's never do."""
+    return any(k.endswith("self_attn.q_norm.weight") for k in sd)
+
+
+def config_from_minimind3_state_dict(sd: dict, **overrides) -> "MiniMindConfig":
+    """The MiniMind-3 model a bare .pth (no config beside it) holds: every size is read off the tensor shapes;
+    the rest (RoPE theta, eps, top-1 routing) are MiniMind-3's defaults."""
+    layer = "model.layers.0."
+    vocab_size, hidden_size = sd["model.embed_tokens.weight"].shape
+    head_dim = sd[layer + "self_attn.q_norm.weight"].shape[0]
+    fields = dict(hidden_size=hidden_size, vocab_size=vocab_size, head_dim=head_dim,
+                  num_hidden_layers=len({k.split(".")[2] for k in sd if k.startswith("model.layers.")}),
+                  num_attention_heads=sd[layer + "self_attn.q_proj.weight"].shape[0] // head_dim,
+                  num_key_value_heads=sd[layer + "self_attn.k_proj.weight"].shape[0] // head_dim,
+                  use_moe=layer + "mlp.gate.weight" in sd)
+    if fields["use_moe"]:
+        fields["num_experts"] = sd[layer + "mlp.gate.weight"].shape[0]
+        fields["intermediate_size"] = sd[layer + "mlp.experts.0.gate_proj.weight"].shape[0]
+    else:
+        fields["intermediate_size"] = sd[layer + "mlp.gate_proj.weight"].shape[0]
+    return config_from_minimind3(fields, **overrides)
 
 
 # The named sizes of MiniMind2. Parameter counts (tied embeddings): 25.83M, 104.03M, 145.03M.
@@ -211,6 +305,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -218,8 +316,11 @@ class Attention(nn.Module):
         """attn_mask: None (plain causal) or a bool [B, 1, Tq, Tk] mask, True where attention is allowed.
         past_key_value: None, a (k, v) tuple, or a transformers Cache. Returns (out, (k, v))."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if isinstance(past_key_value, Cache):
@@ -243,11 +344,12 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    def __init__(self, config: MiniMindConfig):
+    def __init__(self, config: MiniMindConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -256,6 +358,7 @@ class FeedForward(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Mixture of experts (use_moe=True): softmax gate, top-k routed experts + always-on shared experts
+# (MiniMind2: top-2 of 4 + 1 shared; MiniMind-3: top-1 of 4, none shared)
 # ----------------------------------------------------------------------------------------------------
 class MoEGate(nn.Module):
     def __init__(self, config: MiniMindConfig):
@@ -270,7 +373,7 @@ class MoEGate(nn.Module):
         B, T, H = x.shape
         scores = F.linear(x.reshape(-1, H), self.weight).float().softmax(dim=-1)  # [N, E]
         topk_weight, topk_idx = torch.topk(scores, k=cfg.num_experts_per_tok, dim=-1, sorted=False)
-        if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
+        if cfg.norm_topk_prob and (cfg.num_experts_per_tok > 1 or cfg.norm_top1_prob):
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         aux_loss = scores.new_zeros(())
         if self.training and cfg.aux_loss_alpha > 0:
@@ -292,7 +395,7 @@ class MOEFeedForward(nn.Module):
         super().__init__()
         self.config = config
         self.gate = MoEGate(config)
-        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.experts = nn.ModuleList([FeedForward(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)])
         self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
         self.aux_loss = None
 
@@ -501,9 +604,12 @@ def sample_next_token(logits, seen_ids, temperature=0.85, top_p=0.85, top_k=0, r
         idx = torch.tensor(sorted(set(seen_ids)), device=logits.device)
         prev = logits[idx]
         logits[idx] = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)  # extreme penalties
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    # Shifted so the largest logit is 0 and divided in float64: a tiny temperature then drives the others
+    # to -inf (greedy in the limit) instead of overflowing them all to inf, whose softmax is NaN.
+    logits = ((logits - logits.max()).double() / temperature).float()
     if top_k and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from model.model_minimind import PRESETS  # noqa: E402
+from trainer.cli import ArgumentParser, UserError, device_name, int_in, nonneg_int, positive_int, run_main  # noqa: E402
 
 CPU_TINY = {"tiny-cpu": dict(hidden_size=128, num_hidden_layers=4)}
 
@@ -60,29 +61,31 @@ def run_one(preset_name, args, data_path, out_dir):
 
 def main():
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=list(PRESETS) if cuda else list(CPU_TINY))
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--seq_len", type=int, default=512 if cuda else 128)
-    ap.add_argument("--batch_size", type=int, default=64 if cuda else 8)
-    ap.add_argument("--steps", type=int, default=60 if cuda else 8)
-    ap.add_argument("--measure", type=int, default=30 if cuda else 4, help="steps at the end that are timed")
-    ap.add_argument("--num_workers", type=int, default=4 if cuda else 0)
-    ap.add_argument("--packing", type=int, default=0)
-    ap.add_argument("--compile", type=int, default=0)
+    ap.add_argument("--device", type=device_name, default="cuda" if cuda else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--seq_len", type=int_in(2), default=512 if cuda else 128)
+    ap.add_argument("--batch_size", type=positive_int, default=64 if cuda else 8)
+    ap.add_argument("--steps", type=int_in(2), default=60 if cuda else 8)
+    ap.add_argument("--measure", type=positive_int, default=30 if cuda else 4, help="steps at the end that are timed")
+    ap.add_argument("--num_workers", type=nonneg_int, default=4 if cuda else 0)
+    ap.add_argument("--packing", type=int, default=0, choices=[0, 1])
+    ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
     ap.add_argument("--length_mix", choices=["full", "realistic"], default="full")
     args = ap.parse_args()
+    if args.measure >= args.steps:
+        raise UserError(f"--measure {args.measure} must be below --steps {args.steps} (the first steps warm up)")
     tmp = tempfile.mkdtemp(prefix="bench_")
     data = os.path.join(tmp, "bench.jsonl")
     synthetic_corpus(data, n_lines=args.batch_size * args.steps * (4 if args.length_mix == "realistic" else 1) + 64,
                      seq_len=args.seq_len, length_mix=args.length_mix)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows = []
     for name in args.presets:
         rec = run_one(name, args, data, os.path.join(tmp, name))
         rows.append((name, rec))
-    print(f"\n{device_name}, {args.dtype}, seq {args.seq_len}, batch {args.batch_size}, packing {args.packing}, "
+    print(f"\n{hardware}, {args.dtype}, seq {args.seq_len}, batch {args.batch_size}, packing {args.packing}, "
           f"compile {args.compile}, length mix {args.length_mix}")
     print(f"{'preset':<10} {'tokens/s':>12} {'non-pad tok/s':>14} {'MFU':>7} {'peak GiB':>9} {'data wait':>10}")
     for name, r in rows:
@@ -92,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

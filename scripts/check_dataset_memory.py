@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.lm_dataset import PretrainDataset, load_tokenizer  # noqa: E402
+from trainer.cli import ArgumentParser, int_in, positive_float, positive_int, run_main  # noqa: E402
 
 MB = 1 << 20
 
@@ -44,12 +45,12 @@ def write_big_file(path, size_bytes, source):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", default="/tmp/minimind_memcheck/pretrain_1gb.jsonl")
-    p.add_argument("--size_gb", type=float, default=1.0, help="size to write when --path does not exist")
+    p.add_argument("--size_gb", type=positive_float, default=1.0, help="size to write when --path does not exist")
     p.add_argument("--source", default="dataset/demo/pretrain_hq.jsonl", help="lines to repeat when writing")
-    p.add_argument("--items", type=int, default=2000, help="random items to read and tokenize")
-    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--items", type=positive_int, default=2000, help="random items to read and tokenize")
+    p.add_argument("--max_length", type=int_in(2), default=512)
     args = p.parse_args()
 
     if not os.path.exists(args.path):
@@ -94,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,9 +9,11 @@ import re
 import torch
 import torch.nn.functional as F
 
-from dataset.lm_dataset import PretrainDataset, SFTDataset, make_collate
+from dataset.lm_dataset import PretrainDataset, SFTDataset, chat_messages, make_collate, render_chat
+from trainer.tools import TOOLS, parse_tool_calls, run_tool_call
 
 REASON_TEMPLATE = re.compile(r"^<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>$", re.S)
+THINK_OFF_TEMPLATE = re.compile(r"^<think>\n()\n</think>\n<answer>\n((?:(?!<think>).)+?)\n</answer>$", re.S)  # empty think block
 
 
 def read_jsonl(path):
@@ -46,13 +48,16 @@ def sft_loss(model, tokenizer, eval_path, max_len, device):
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch_size=32):
-    """Greedy replies to chat prompts (lists of messages). Returns (text, closed_by_eos) per prompt."""
+def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch_size=32, tools=None, **template_kwargs):
+    """Greedy replies to chat prompts (lists of messages; tools[i]: prompt i's tool schemas or None; template_kwargs
+    such as enable_thinking go to the chat template). Returns (text, closed_by_eos) per prompt."""
     model.eval()
     results = []
+    tools = tools or [None] * len(prompts)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chunk]
+        texts = [render_chat(tokenizer, m, t, add_generation_prompt=True, **template_kwargs)
+                 for m, t in zip(chunk, tools[i:i + batch_size])]
         enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         width = max(len(e) for e in enc)
         ids = torch.zeros(len(enc), width, dtype=torch.long)
@@ -124,14 +129,20 @@ def preference_metrics(policy, reference, tokenizer, eval_path, max_len, device,
     return {"accuracy": wins / len(ds), "margin": sum(margins) / len(margins), "n": len(ds)}
 
 
-def reasoning_metrics(model, tokenizer, eval_path, device):
-    """Share of held-out replies in the <think>...</think><answer>...</answer> template, and with the right answer."""
+def reasoning_metrics(model, tokenizer, eval_path, device, enable_thinking=None):
+    """Share of held-out replies in the <think>...</think><answer>...</answer> template, and with the right answer.
+    enable_thinking True/False: the prompt already holds <think>\n / the empty think block, so the reply is
+    judged together with it (thinking off: the think block must stay empty and an answer follow)."""
     rows = read_jsonl(eval_path)
     prompts, refs = zip(*(split_prompt(r) for r in rows))
-    replies = generate_replies(model, tokenizer, list(prompts), device, max_new_tokens=128)
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    prefill = {None: "", True: "<think>\n", False: "<think>\n\n</think>\n"}[enable_thinking]
+    replies = generate_replies(model, tokenizer, list(prompts), device, max_new_tokens=128, **kwargs)
+    replies = [(prefill + text, closed) for text, closed in replies]
+    template = THINK_OFF_TEMPLATE if enable_thinking is False else REASON_TEMPLATE
     in_template, right = 0, 0
     for (text, closed), ref in zip(replies, refs):
-        m = REASON_TEMPLATE.match(text.strip()) if closed else None
+        m = template.match(text.strip()) if closed else None
         in_template += bool(m)
         want = REASON_TEMPLATE.match(ref.strip())
         right += bool(m and want and m.group(2).strip() == want.group(2).strip())
@@ -151,3 +162,61 @@ def rl_metrics(model, tokenizer, eval_path, device):
     right = sum(answer_reward(Reply(p, text, ground_truth(r), closed)) for p, (text, closed), r in zip(prompts, replies, rows))
     return {"template": template / len(rows), "correct": right / len(rows), "n": len(rows),
             "samples": [(prompts[i][-1]["content"], replies[i][0]) for i in range(min(2, len(rows)))]}
+
+
+def tool_metrics(model, tokenizer, eval_path, device, max_rounds=3):
+    """Held-out tool use, by real round trips: the model's calls are run with the real tools and their
+    results fed back as `tool` messages until it answers (at most max_rounds replies). Per tool question: a
+    well-formed call naming the reference's tool; arguments whose result equals the reference call's; a
+    final answer holding the result of its last successful call. Per question that needs no tool: answered
+    without a call."""
+    convs = []
+    for row in read_jsonl(eval_path):
+        msgs, tools = chat_messages(row["conversations"], "conversations")
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        ref_calls = msgs[first].get("tool_calls")
+        ref = ref_calls[0]["function"] if ref_calls else None
+        convs.append({"messages": msgs[:first], "tools": tools, "ref": ref, "results": [], "final": None, "first": None})
+    active = convs
+    for _ in range(max_rounds):
+        replies = generate_replies(model, tokenizer, [c["messages"] for c in active], device, max_new_tokens=96,
+                                   batch_size=16, tools=[c["tools"] for c in active])
+        still = []
+        for c, (text, closed) in zip(active, replies):
+            content, calls = parse_tool_calls(text)
+            if c["first"] is None:
+                c["first"] = (text, calls)
+            if not calls:
+                c["final"] = content if closed else None
+                continue
+            if not all(isinstance(call, dict) and isinstance(call.get("arguments"), dict) for call in calls):
+                continue  # a malformed call ends the conversation: nothing valid to send back
+            results = [run_tool_call(call, TOOLS) for call in calls]
+            c["results"] += results
+            c["messages"] = c["messages"] + [
+                {"role": "assistant", "content": content, "tool_calls": [
+                    {"type": "function", "function": {"name": str(call.get("name")), "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+                    for call in calls]},
+                *({"role": "tool", "content": r} for r in results)]
+            still.append(c)
+        active = still
+        if not active:
+            break
+    tool_qs = [c for c in convs if c["ref"]]
+    plain_qs = [c for c in convs if not c["ref"]]
+
+    def first_call(c):
+        calls = c["first"][1]
+        return calls[0] if calls and isinstance(calls[0], dict) and isinstance(calls[0].get("arguments"), dict) else None
+
+    right_tool = sum(bool(first_call(c)) and first_call(c).get("name") == c["ref"]["name"] for c in tool_qs)
+    right_args = sum(bool(first_call(c)) and run_tool_call(first_call(c), TOOLS) == run_tool_call(c["ref"], TOOLS)
+                     for c in tool_qs)
+    ok_results = lambda c: [r for r in c["results"] if not r.startswith("error:")]  # noqa: E731
+    answered = sum(bool(c["final"]) and bool(ok_results(c)) and ok_results(c)[-1] in c["final"] for c in tool_qs)
+    direct = sum(not c["first"][1] and c["final"] is not None for c in plain_qs)
+    samples = [(c["messages"][1]["content"] if c["messages"][0]["role"] == "system" else c["messages"][0]["content"],
+                c["first"][0], c["results"], c["final"]) for c in tool_qs[:3]]
+    return {"n_tool": len(tool_qs), "right_tool": right_tool / max(len(tool_qs), 1),
+            "right_args": right_args / max(len(tool_qs), 1), "answer_has_result": answered / max(len(tool_qs), 1),
+            "n_plain": len(plain_qs), "plain_direct": direct / max(len(plain_qs), 1), "samples": samples}

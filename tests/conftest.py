@@ -1,8 +1,76 @@
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TOKENIZER = os.path.join(ROOT, "model")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(work_dir, *flags):
+    """A real scripts/serve_openai_api.py process on a free port. Yields {"base", "proc", "log"} once
+    /v1/models answers (the wait only guards against a hang: 300 s on a loaded machine)."""
+    port = free_port()
+    log_path = os.path.join(work_dir, "server.log")
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"), *map(str, flags),
+                             "--tokenizer_path", TOKENIZER, "--port", str(port), "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=work_dir)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                log.seek(0)
+                pytest.fail(f"server did not answer /v1/models within 300 s:\n{log.read()[-3000:]}")
+            time.sleep(0.3)
+        yield {"base": base, "proc": proc, "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_weight(tmp_path_factory):
+    """A tiny model trained (seconds) to replay a few conversations: a tool call, a think block, a <script>
+    reply, an endless song (tests/tiny_chat.py)."""
+    from tiny_chat import train_tiny_chat_model
+    return train_tiny_chat_model(str(tmp_path_factory.mktemp("tiny_chat")))
+
+
+@pytest.fixture(scope="session")
+def chat_server(tmp_path_factory, tiny_chat_weight):
+    """The server on the tiny chat model, running the calculator tool for the web page."""
+    with serve_process(str(tmp_path_factory.mktemp("chat_server")), "--weight", tiny_chat_weight, "--max_seq_len", 2048,
+                       "--tools", "calculator", "--served_model_name", "tiny-chat") as server:
+        yield server

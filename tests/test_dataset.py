@@ -49,9 +49,10 @@ def labelled_spans(tok, ids, labels):
     return [tok.decode(s) for s in spans]
 
 
-@pytest.mark.parametrize("msgs", [SYS_MULTI, REASON, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
-                                  [{"role": "assistant", "content": "我先说。"}, {"role": "user", "content": "好"},
-                                   {"role": "assistant", "content": "嗯 😀"}]])
+@pytest.mark.parametrize("msgs", [SYS_MULTI, REASON, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                                                     {"role": "user", "content": "?"}, {"role": "assistant", "content": "ok"}],
+                                  [{"role": "system", "content": "你先说。"}, {"role": "assistant", "content": "我先说。"},
+                                   {"role": "user", "content": "好"}, {"role": "assistant", "content": "嗯 😀"}]])
 def test_sft_labels_cover_exactly_assistant_content_and_im_end(tok, tmp_path, msgs):
     ds = SFTDataset(write(tmp_path, [{"conversations": msgs}]), tok, max_length=1024)
     ids, labels = ds[0]
@@ -128,9 +129,10 @@ BAD_CASES = [  # (dataset class, lines, line number in the error, text in the er
     (SFTDataset, [{"conversations": REASON}, {"conversations": {"role": "user"}}], 2, "not a list of messages"),
     (SFTDataset, [{"conversations": [{"content": "hi"}, REASON[1]]}], 1, 'message 1 has no "role"'),
     (SFTDataset, [{"conversations": [REASON[0], {"role": "assistant"}]}], 1, 'message 2 has no "content"'),
-    (SFTDataset, [{"conversations": [{"role": "tool", "content": "x"}, REASON[1]]}], 1, 'unknown role "tool"'),
+    (SFTDataset, [{"conversations": [{"role": "function", "content": "x"}, REASON[1]]}], 1, 'unknown role "function"'),
     (SFTDataset, [{"conversations": [REASON[0], {"role": "assistant", "content": None}]}], 1, "NoneType, not a string"),
     (SFTDataset, [{"conversations": [REASON[0]]}], 1, "no assistant message"),
+    (SFTDataset, [{"conversations": [REASON[1], REASON[0], REASON[1]]}], 1, "starts with an assistant message"),
     (SFTDataset, [{"conversations": []}], 1, "empty list"),
     (DPODataset, [{"conversations": REASON}], 1, "looks like SFT/LoRA/reasoning data"),
     (DPODataset, [{"chosen": REASON}], 1, 'no "rejected" key'),
@@ -206,3 +208,142 @@ def test_works_in_dataloader_workers_and_pickles(tok, tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_fn)
     batches = list(loader)
     assert len(batches) == 2 and batches[1][0].shape[0] == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tool use, reasoning_content, and labels derived from the tokenizer's own chat template
+# ----------------------------------------------------------------------------------------------------
+CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}}}
+TOOL_CONV = [  # MiniMind-3's shape: tools and tool_calls as JSON strings
+    {"role": "system", "content": "你是助手。", "tools": json.dumps([CALC], ensure_ascii=False)},
+    {"role": "user", "content": "3乘4是多少？"},
+    {"role": "assistant", "content": "", "tool_calls": json.dumps([{"id": "c1", "type": "function", "function": {
+        "name": "calculator", "arguments": json.dumps({"expression": "3*4"})}}])},
+    {"role": "tool", "tool_call_id": "c1", "content": "12"},
+    {"role": "assistant", "content": "3乘4等于12。", "reasoning_content": "用计算器算出12。"},
+]
+TOOL_CALL_TEXT = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*4"}}\n</tool_call>'
+
+
+def test_tool_conversation_labels_are_exactly_what_the_assistant_writes(tok, tmp_path):
+    ds = SFTDataset(write(tmp_path, [{"conversations": TOOL_CONV}]), tok, max_length=1024)
+    ids, labels = ds[0]
+    assert labelled_spans(tok, ids, labels) == [TOOL_CALL_TEXT + "<|im_end|>",
+                                                "<think>\n用计算器算出12。\n</think>\n3乘4等于12。<|im_end|>"]
+    messages = [dict(TOOL_CONV[0], tools=None), *TOOL_CONV[1:]]
+    messages[0].pop("tools")
+    messages[2] = dict(messages[2], tool_calls=json.loads(messages[2]["tool_calls"]))
+    rendered = tok.apply_chat_template(messages, tools=[CALC], tokenize=False)
+    assert tok.decode(ids) == rendered and ids.tolist() == tok.encode(rendered, add_special_tokens=False)
+    # the tool's result, the schemas, the system and user text carry no label
+    unlabelled = tok.decode([i for i, l in zip(ids.tolist(), labels.tolist()) if l == -100])
+    assert "<tool_response>\n12\n</tool_response>" in unlabelled and '"name": "calculator", "description"' in unlabelled
+
+
+def test_tools_given_as_objects_or_on_the_line_give_the_same_sample(tok, tmp_path):
+    as_objects = [dict(TOOL_CONV[0], tools=[CALC]), TOOL_CONV[1],
+                  dict(TOOL_CONV[2], tool_calls=[{"name": "calculator", "arguments": {"expression": "3*4"}}]), *TOOL_CONV[3:]]
+    on_line = {"tools": [CALC], "conversations": [{"role": "system", "content": "你是助手。"}, *as_objects[1:]]}
+    base = SFTDataset(write(tmp_path, [{"conversations": TOOL_CONV}], "a.jsonl"), tok)[0]
+    for i, line in enumerate([{"conversations": as_objects}, on_line]):
+        ids, labels = SFTDataset(write(tmp_path, [line], f"b{i}.jsonl"), tok)[0]
+        assert torch.equal(ids, base[0]) and torch.equal(labels, base[1])
+
+
+def _with_template(tmp_path, template, name):
+    """A copy of the shipped tokenizer with another chat template (nothing downloaded)."""
+    import shutil
+    d = tmp_path / name
+    shutil.copytree(os.path.join(ROOT, "model"), d, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    return load_tokenizer(str(d))
+
+
+# MiniMind2's shape: ChatML that adds a default system prompt when the conversation has none.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# MiniMind-3's shape: every assistant turn has a think block; the generation prompt pre-fills an empty one
+# unless open_thinking is set.
+THINK_BLOCK_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n<think>\n"
+    "{{ (m['reasoning_content'] or '').strip() }}\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if open_thinking is defined and open_thinking %}<think>\n"
+    "{% else %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, DEFAULT_SYSTEM_TEMPLATE, THINK_BLOCK_TEMPLATE])
+def test_training_prompt_equals_inference_prompt(tok, tmp_path, template):
+    """Every assistant turn is trained after exactly the ids inference feeds the model for that history
+    (eval_model.py, the server: apply_chat_template(..., add_generation_prompt=True))."""
+    t = tok if template is None else _with_template(tmp_path, template, "tok")
+    convs = [SYS_MULTI[1:], SYS_MULTI, REASON,
+             [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2", "reasoning_content": "one and one"},
+              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": ""}]]
+    path = write(tmp_path, [{"conversations": c} for c in convs])
+    ds = SFTDataset(path, t, max_length=1024)
+    for c, (ids, labels) in zip(convs, (ds[i] for i in range(len(convs)))):
+        starts = [j for j in range(1, len(labels)) if labels[j] != -100 and labels[j - 1] == -100]
+        turns = [j for j, m in enumerate(c) if m["role"] == "assistant"]
+        assert len(starts) == len(turns)
+        for start, j in zip(starts, turns):
+            rc = c[j].get("reasoning_content")
+            kw = ({"open_thinking": False, "enable_thinking": False} if rc == "" else
+                  {"open_thinking": True, "enable_thinking": True} if rc and template else {})
+            prompt = t.apply_chat_template(c[:j], tokenize=True, add_generation_prompt=True, return_dict=False, **kw)
+            assert ids[:start].tolist() == prompt
+        if template == DEFAULT_SYSTEM_TEMPLATE and c[0]["role"] != "system":
+            assert t.decode(ids).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user")
+
+
+TOOL_BAD_CASES = [
+    ([dict(TOOL_CONV[0], tools="[{broken"), *TOOL_CONV[1:]], 'message 1 tools is a string but not valid JSON'),
+    ([TOOL_CONV[0], TOOL_CONV[1], dict(TOOL_CONV[2], tool_calls='[{"function": {"name": "calculator", "arguments": "{3*4"}}]'),
+      *TOOL_CONV[3:]], "message 3 tool_calls call 1 arguments is a string but not valid JSON"),
+    ([TOOL_CONV[0], TOOL_CONV[1], dict(TOOL_CONV[2], tool_calls=[{"function": {"arguments": "{}"}}]), *TOOL_CONV[3:]],
+     'call 1 needs "name" and "arguments"'),
+    ([TOOL_CONV[0], TOOL_CONV[1], dict(TOOL_CONV[2], tool_calls='[{"name": "calculator", "arguments": "[1, 2]"}]'),
+      *TOOL_CONV[3:]], "arguments must be a JSON object, got list"),
+    ([dict(TOOL_CONV[0], tools=json.dumps({"name": "x"})), *TOOL_CONV[1:]], "must be a list of function schemas"),
+    ([*TOOL_CONV[:4], dict(TOOL_CONV[4], reasoning_content=["a"])], '"reasoning_content" is list, not a string'),
+    ([TOOL_CONV[1], dict(TOOL_CONV[4], weight=0.5)], 'has field(s) "weight" that chat training does not use'),
+    ([dict(TOOL_CONV[1], tool_calls=[]), TOOL_CONV[4]], 'has field(s) "tool_calls" that chat training does not use'),
+]
+
+
+@pytest.mark.parametrize("conv,text", TOOL_BAD_CASES)
+def test_bad_tool_and_field_data_is_a_one_line_error(tok, tmp_path, conv, text):
+    path = write(tmp_path, [{"conversations": TOOL_CONV}, {"conversations": conv}])
+    with pytest.raises(DataFormatError) as e:
+        SFTDataset(path, tok)
+    assert str(e.value).startswith(f"{path}:2: ") and text in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("line,text", [
+    ({"conversations": [REASON[0], {"role": "assistant", "content": "空"}]}, "looks like RL-prompt data"),
+    ({"conversations": [REASON[0], {"role": "assistant", "content": ""}]}, "looks like RL-prompt data"),
+    ({"conversations": REASON, "gt": ["7"]}, "looks like RL-prompt data"),
+    ({"conversations": REASON, "id": 17}, r'field\(s\) "id" beside "conversations" are not used'),
+])
+def test_rl_prompt_files_and_unused_fields_are_refused_by_sft(tok, tmp_path, line, text):
+    with pytest.raises(DataFormatError, match=text):
+        SFTDataset(write(tmp_path, [line]), tok)
+
+
+def test_dpo_refuses_unused_fields(tok, tmp_path):
+    with pytest.raises(DataFormatError, match=r':1: field\(s\) "score" beside "chosen" and "rejected"'):
+        DPODataset(write(tmp_path, [{"chosen": REASON, "rejected": REASON, "score": 1}]), tok)
+
+
+def test_thinking_off_turn_learns_the_answer_after_the_prefilled_empty_think_block(tok, tmp_path):
+    conv = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<answer>\n2\n</answer>", "reasoning_content": ""}]
+    ids, labels = SFTDataset(write(tmp_path, [{"conversations": conv}]), tok)[0]
+    assert labelled_spans(tok, ids, labels) == ["<answer>\n2\n</answer><|im_end|>"]
+    start = next(i for i, l in enumerate(labels.tolist()) if l != -100)
+    assert ids[:start].tolist() == tok.apply_chat_template(conv[:1], add_generation_prompt=True, enable_thinking=False,
+                                                           tokenize=True, return_dict=False)

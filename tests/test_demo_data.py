@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 from dataset import build_demo_data as B  # noqa: E402
 from dataset.lm_dataset import check_dpo, check_pretrain, check_rl_with_gt, check_sft  # noqa: E402
 
-SMALL = dict(pretrain_eval=20, sft=300, sft_eval=40, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
+SMALL = dict(pretrain_eval=20, sft=300, sft_eval=40, sft_tools=60, tool_eval=30, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
              lora_identity=100, lora_identity_eval=20, lora_medical=50, rlaif=100, rlaif_eval=20)
 TRAIN_EVAL = [("pretrain_hq.jsonl", "pretrain_eval.jsonl"), ("sft_mini_512.jsonl", "sft_eval.jsonl"),
               ("dpo.jsonl", "dpo_eval.jsonl"), ("r1_mix_1024.jsonl", "r1_eval.jsonl"),
@@ -51,7 +51,7 @@ def test_build_is_byte_identical_twice(small, tmp_path):
 
 
 def test_every_file_has_its_stage_format_and_requested_size(small):
-    counts = {"pretrain_eval.jsonl": 20, "sft_mini_512.jsonl": 300, "sft_eval.jsonl": 40, "dpo.jsonl": 200,
+    counts = {"pretrain_eval.jsonl": 20, "sft_mini_512.jsonl": 360, "sft_eval.jsonl": 40, "tool_eval.jsonl": 30, "dpo.jsonl": 200,
               "dpo_eval.jsonl": 40, "r1_mix_1024.jsonl": 200, "r1_eval.jsonl": 40, "lora_identity.jsonl": 100,
               "lora_identity_eval.jsonl": 20, "lora_medical.jsonl": 50, "rlaif.jsonl": 100, "rlaif_eval.jsonl": 20}
     for stage, files in B.FILES.items():
@@ -62,7 +62,7 @@ def test_every_file_has_its_stage_format_and_requested_size(small):
             if name in counts:
                 assert len(recs) == counts[name], name
     manifest = open(os.path.join(small, "README.md"), encoding="utf-8").read()
-    assert "| sft_mini_512.jsonl | 300 |" in manifest and "People's Daily" in manifest
+    assert "| sft_mini_512.jsonl | 360 |" in manifest and "People's Daily" in manifest
 
 
 def test_eval_splits_never_overlap_training(small):
@@ -122,8 +122,14 @@ R1 = re.compile(r"<think>\n(.+)\n</think>\n<answer>\n(-?\d+)\n</answer>", re.S)
 
 
 def test_reasoning_template_and_answers(small):
+    thinking_off = 0
     for name, want_reserved in (("r1_mix_1024.jsonl", False), ("r1_eval.jsonl", True)):
         for r in read(small, name):
+            last = r["conversations"][-1]
+            if last.get("reasoning_content") == "":  # a thinking-off sample: no steps, just the answer
+                assert name == "r1_mix_1024.jsonl" and re.fullmatch(r"<answer>\n-?\d+\n</answer>", last["content"])
+                thinking_off += 1
+                continue
             m = R1.fullmatch(reply(r))
             assert m, reply(r)
             steps, answer = m[1], int(m[2])
@@ -134,6 +140,7 @@ def test_reasoning_template_and_answers(small):
             assert int(eqs[-1][3]) == answer
             numbers = {int(x) for x in re.findall(r"\d+", r["conversations"][0]["content"])}
             assert bool(numbers & B.R1_EVAL_NUMBERS) == want_reserved  # eval uses numbers never seen in training
+    assert 0.05 < thinking_off / len(read(small, "r1_mix_1024.jsonl")) < 0.3
 
 
 def test_rlaif_prompts_carry_the_answer_and_hold_out_numbers(small):
@@ -177,4 +184,39 @@ def test_default_sizes_are_reached(tmp_path):
     out = B.build(str(tmp_path), stages=chat, verbose=False)
     for stage in chat:
         for name, key in zip(B.FILES[stage], (stage, stage + "_eval")):
-            assert out[name] == B.SIZES[key], name
+            assert out[name] == B.SIZES[key] + (B.SIZES["sft_tools"] if key == "sft" else 0), name
+    assert out["tool_eval.jsonl"] == B.SIZES["tool_eval"]
+
+
+def test_tool_conversations_use_the_real_tools_and_eval_phrasings_are_unseen(small):
+    from trainer.tools import TOOLS, run_tool_call
+    train = [r["conversations"] for r in read(small, "sft_mini_512.jsonl") if r["conversations"][0].get("tools")]
+    evals = [r["conversations"] for r in read(small, "tool_eval.jsonl")]
+    assert len(train) == 60 and len(evals) == 30
+    with_calls = 0
+    for conv in train + evals:
+        for i, m in enumerate(conv):
+            if m.get("tool_calls"):
+                with_calls += 1
+                call = json.loads(m["tool_calls"])[0]["function"]
+                # every tool result in the data is what the real tool returns for that call
+                assert conv[i + 1]["role"] == "tool"
+                assert conv[i + 1]["content"] == run_tool_call({"name": call["name"], "arguments": json.loads(call["arguments"])}, TOOLS)
+                assert not conv[i + 1]["content"].startswith("error")
+        final = conv[-1]
+        assert final["role"] == "assistant" and not final.get("tool_calls")
+        if conv[-2]["role"] == "tool":
+            assert conv[-2]["content"] in final["content"]  # the answer holds the tool's result
+    assert with_calls > 0.7 * len(train + evals)
+    # eval offers all three tools, and asks its tool questions in phrasings no training line uses
+    assert all(json.loads(c[0]["tools"]) == [t.schema for t in TOOLS.values()] for c in evals)
+    templates = lambda table: {q.split("{")[0][:4] for qs in table.values() for q in qs}  # noqa: E731
+    question = lambda c: next(m["content"] for m in c if m["role"] == "user")  # noqa: E731
+    train_qs = {question(c) for c in train}
+    assert not train_qs & {question(c) for c in evals}
+    for table in (B.CALC_Q_EVAL, B.UNITS_Q_EVAL, B.WEEKDAY_Q_EVAL, B.ADD_DAYS_Q_EVAL, B.BETWEEN_Q_EVAL):
+        for qs in table.values():
+            for q in qs:
+                pattern = re.escape(q).replace(r"\{e\}", ".+").replace(r"\{v\}", ".+").replace(r"\{a\}", ".+") \
+                    .replace(r"\{b\}", ".+").replace(r"\{d\}", ".+").replace(r"\{n\}", ".+")
+                assert not any(re.fullmatch(pattern, t) for t in train_qs), q

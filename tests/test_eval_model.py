@@ -217,3 +217,53 @@ def test_reason_reply_keeps_think_and_dims_it_on_a_terminal(capsys):
     for piece in ["<think>", "\n想一想\n", "</think>", "\n<answer>\n好的\n</answer>"]:
         show(piece, style)
     assert capsys.readouterr().out == f"<think>{DIM}\n想一想\n{RESET}</think>\n<answer>\n好的\n</answer>"
+
+
+# ----------------------------------------------------------------------------------------------------
+# --tools and --enable_thinking, with the tiny chat model (tests/tiny_chat.py) that really calls the calculator
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tool_runs(tiny_chat_weight):
+    base = [sys.executable, os.path.join(ROOT, "eval_model.py"), "--out_dir", os.path.dirname(tiny_chat_weight), "--dim", "64",
+            "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "60", "--temperature", "0"]
+    jobs = {
+        "tools": base + ["--tools", "calculator", "--prompt", "What is 12*7?", "--prompt", "Say hi"],
+        "tools_nostream": base + ["--tools", "calculator", "--prompt", "What is 12*7?", "--stream", "0"],
+        "limit": base + ["--tools", "calculator", "--prompt", "What is 12*7?", "--max_tool_rounds", "0"],
+        "think_on": base + ["--enable_thinking", "1", "--prompt", "Think first"],
+        "bad_tool": base + ["--tools", "calculator,weather", "--prompt", "hi"],
+        "pretrain_tools": base + ["--model_mode", "0", "--tools", "all", "--prompt", "hi"],
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(run, job) for name, job in jobs.items()}
+        yield {name: f.result for name, f in futures.items()}
+
+
+CALL_TEXT = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>'
+
+
+def test_tools_run_the_call_and_the_model_answers_with_the_result(tool_runs):
+    stdout = ok(tool_runs["tools"]())
+    assert stdout == (f"{USER}What is 12*7?\n{BOT}{CALL_TEXT}\n\n"
+                      f'🔧 calculator {{"expression": "12*7"}} -> 84\n\n'
+                      f"{BOT}12*7 = 84.\n\n"
+                      f"{USER}Say hi\n{BOT}Hi! I am a tiny model.\n\n")
+    assert ok(tool_runs["tools_nostream"]()) == stdout.split(f"{USER}Say hi")[0]
+    assert "tools: calculator" in tool_runs["tools"]().stderr
+
+
+def test_tool_round_limit_is_said(tool_runs):
+    stdout = ok(tool_runs["limit"]())
+    assert stdout.count(BOT) == 1 and "-> 84" in stdout  # the call still runs, the model is not asked again
+    assert "raise --max_tool_rounds" in stdout
+
+
+def test_enable_thinking_prefills_the_think_block(tool_runs):
+    assert ok(tool_runs["think_on"]()) == f"{USER}Think first\n{BOT}<think>\nLet me think.\n</think>\n<answer>\nThe answer is 42.\n</answer>\n\n"
+
+
+@pytest.mark.parametrize("name,words", [("bad_tool", "unknown tool(s) weather"), ("pretrain_tools", "--tools needs a chat model")])
+def test_bad_tool_flags_are_one_line(tool_runs, name, words):
+    r = tool_runs[name]()
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr and r.stderr.startswith("error: ")

@@ -371,7 +371,7 @@ def test_rl_dataset_reads_minimind_shape_and_ground_truth(tmp_path, tok):
 
 @pytest.mark.parametrize("line, problem", [
     ('{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-    ('{"conversations": [{"role": "assistant", "content": ""}]}', "does not end with a user message"),
+    ('{"conversations": [{"role": "assistant", "content": ""}]}', "starts with an assistant message"),
     ('{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "gt": []}', '"gt" is an empty list'),
     ('{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "gt": {"a": 1}}', '"gt" holds'),
     ('{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "gt": "1", "answer": "1"}', "both"),

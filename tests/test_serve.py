@@ -1,32 +1,21 @@
 """scripts/serve_openai_api.py: a real server process, talked to with the official openai client."""
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
+from conftest import TOKENIZER, serve_process
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.serve_openai_api import ReplySplitter
 from trainer_utils import load_weights, save_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "model")
 MAX_SEQ_LEN = 256
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
 PROMPTS = ["你好，请介绍一下你自己。", "Write one sentence about the sea."]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,38 +32,8 @@ def server(tmp_path_factory, tokenizer):
     model = MiniMindForCausalLM(MiniMindConfig(**TINY, vocab_size=len(tokenizer)))
     weight = str(out / "full_sft_64.pth")
     save_weights(model, weight)
-    port = free_port()
-    log = open(out / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "serve_openai_api.py"), "--weight", weight,
-                             "--tokenizer_path", TOKENIZER, "--port", str(port), "--device", "cpu",
-                             "--max_seq_len", str(MAX_SEQ_LEN), "--served_model_name", "tiny"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=str(out))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/v1/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"server did not answer /v1/models within 120 s:\n{log.read()[-3000:]}")
-            time.sleep(0.3)
-        yield {"base": base, "weight": weight, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with serve_process(str(out), "--weight", weight, "--max_seq_len", MAX_SEQ_LEN, "--served_model_name", "tiny") as running:
+        yield {**running, "weight": weight}
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +140,47 @@ def post(base, body, content_type="application/json"):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_SEQ_LEN}, "max_tokens"),
     ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, "seed"),               # not a 64-bit seed
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -2**63 - 1}, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, "temperature"),  # NaN / Infinity literals
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),           # a lone surrogate
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages.0.content.0.text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),               # typed right, not implemented
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_SEQ_LEN}, "max_completion_tokens"),
+    ([{"role": "user", "content": "hi"}], None),                                              # not an object
 ])
 def test_invalid_requests_get_400_with_openai_error(server, body, param):
     status, err = post(server["base"], body)
     assert status == 400, err
     assert err["error"]["type"] == "invalid_request_error" and isinstance(err["error"]["message"], str)
     assert err["error"]["param"] == param
+
+
+@pytest.mark.parametrize("body", [
+    {"temperature": 1e-300},  # so close to greedy that a plain logits / temperature overflows to NaN
+    {"temperature": 0.5, "repetition_penalty": 1e-300},
+    {"seed": 2**64 - 1, "temperature": 1.0},
+    {"stop": None, "logprobs": False, "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1"},  # "off" values
+])
+def test_extreme_but_valid_requests_are_answered(server, body):
+    status, r = post(server["base"], {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body})
+    assert status == 200, r
+    assert r["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_client_sees_400_for_a_seed_beyond_64_bits(client):
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=chat("hi"), seed=2**64)
+    assert e.value.status_code == 400 and e.value.body["param"] == "seed"
 
 
 def test_openai_client_sees_bad_request(client):
@@ -258,3 +252,256 @@ def test_model_path_serves_a_transformers_folder(tmp_path, server, native, token
     ids = torch.tensor([tokenizer.apply_chat_template(chat(PROMPTS[1]), add_generation_prompt=True, tokenize=True, return_dict=False)])
     assert list(engine.model.stream_generate(ids, max_new_tokens=20, temperature=0)) == \
         list(native.stream_generate(ids, max_new_tokens=20, temperature=0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# tools and thinking, against the tiny chat model (tests/tiny_chat.py) that really emits a tool call
+# ----------------------------------------------------------------------------------------------------
+from tiny_chat import (CALCULATOR, MATH, MATH_ANSWER, MATH_CALL, MATH_RESULT, THINK, THINK_ANSWER,  # noqa: E402
+                       THINK_REASONING)
+
+
+@pytest.fixture(scope="module")
+def tool_client(chat_server):
+    from openai import OpenAI
+    return OpenAI(base_url=chat_server["base"] + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_tool_round_trip_with_the_openai_client(tool_client):
+    """request with tools -> tool_calls -> the client runs the call -> tool message -> the answer."""
+    from trainer.tools import run_tool_call, select_tools
+    messages = chat(MATH)
+    r = tool_client.chat.completions.create(model="tiny-chat", messages=messages, tools=CALCULATOR, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None  # the raw <tool_call> text is not content
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "calculator"
+    assert json.loads(call.function.arguments) == MATH_CALL
+    result = run_tool_call({"name": call.function.name, "arguments": call.function.arguments}, select_tools("calculator"))
+    assert result == MATH_RESULT
+    messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": result}]
+    r2 = tool_client.chat.completions.create(model="tiny-chat", messages=messages, tools=CALCULATOR, temperature=0)
+    assert r2.choices[0].message.content == MATH_ANSWER and r2.choices[0].finish_reason == "stop"
+    assert not r2.choices[0].message.tool_calls
+
+
+def stream_chunks(client, **request):
+    return list(client.chat.completions.create(model="tiny-chat", temperature=0, stream=True, **request))
+
+
+def test_streamed_tool_round_trip(tool_client, chat_server):
+    chunks = stream_chunks(tool_client, messages=chat(MATH), tools=CALCULATOR)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert all(not d.content for d in deltas)  # the call is never streamed as text
+    pieces = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert pieces and all(tc.index == 0 for tc in pieces)
+    first, rest = pieces[0], pieces[1:]
+    assert first.id.startswith("call_") and first.type == "function" and first.function.name == "calculator"
+    assert all(tc.id is None and not (tc.function and tc.function.name) for tc in rest)  # id/type/name only in the first
+    arguments = "".join(tc.function.arguments or "" for tc in pieces)
+    assert json.loads(arguments) == MATH_CALL
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    # the same as the non-streamed reply, and the raw stream ends with [DONE]
+    full = tool_client.chat.completions.create(model="tiny-chat", messages=chat(MATH), tools=CALCULATOR, temperature=0)
+    assert full.choices[0].message.tool_calls[0].function.arguments == arguments
+    status, lines = raw_stream(chat_server["base"], {"messages": chat(MATH), "tools": CALCULATOR, "temperature": 0, "stream": True})
+    assert status == 200 and lines[-1] == "data: [DONE]"
+    assert not any("<tool_call>" in line for line in lines)
+
+    history = chat(MATH) + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": first.id, "type": "function", "function": {"name": "calculator", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": first.id, "content": MATH_RESULT}]
+    answer = stream_chunks(tool_client, messages=history, tools=CALCULATOR)
+    assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices) == MATH_ANSWER
+    assert answer[-1].choices[0].finish_reason == "stop"
+
+
+def raw_stream(base, body):
+    req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.status, [line for line in r.read().decode().splitlines() if line]
+
+
+def test_thinking_on_starts_inside_the_think_block(tool_client):
+    """enable_thinking true pre-fills <think>\\n: the reply has no opening tag, yet reasoning_content is split off."""
+    for extra in ({"enable_thinking": True}, {"chat_template_kwargs": {"enable_thinking": True}},
+                  {"chat_template_kwargs": {"open_thinking": True}}):
+        r = tool_client.chat.completions.create(model="tiny-chat", messages=chat(THINK), temperature=0, extra_body=extra)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (THINK_REASONING, THINK_ANSWER), extra
+        chunks = stream_chunks(tool_client, messages=chat(THINK), extra_body=extra)
+        streamed = [(getattr(c.choices[0].delta, "reasoning_content", None) or "", c.choices[0].delta.content or "")
+                    for c in chunks if c.choices]
+        assert ("".join(r for r, _ in streamed), "".join(c for _, c in streamed)) == (THINK_REASONING, THINK_ANSWER)
+
+
+def test_thinking_off_prefills_an_empty_think_block(tool_client, tiny_chat_weight, tokenizer):
+    from dataset.lm_dataset import render_chat
+    prompt = render_chat(tokenizer, chat(THINK), add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    model = load_weights(tiny_chat_weight).eval()
+    out = list(model.stream_generate(torch.tensor([ids]), max_new_tokens=40, temperature=0, eos_token_id=tokenizer.eos_token_id))
+    splitter = ReplySplitter(start="answer")
+    want = "".join(t for _, t in splitter.feed(tokenizer.decode(out, skip_special_tokens=True)) + splitter.finish())
+    r = tool_client.chat.completions.create(model="tiny-chat", messages=chat(THINK), temperature=0, max_tokens=40,
+                                            extra_body={"enable_thinking": False})
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(out)
+    assert r.choices[0].message.content == want
+    assert getattr(r.choices[0].message, "reasoning_content", None) is None  # the answer is content
+
+
+def test_tool_choice_none_leaves_the_tools_out(tool_client, tokenizer):
+    r = tool_client.chat.completions.create(model="tiny-chat", messages=chat(MATH), tools=CALCULATOR, tool_choice="none",
+                                            temperature=0, max_tokens=30)
+    n = len(tokenizer.apply_chat_template(chat(MATH), add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert r.usage.prompt_tokens == n and r.choices[0].finish_reason != "tool_calls" and not r.choices[0].message.tool_calls
+    auto = tool_client.chat.completions.create(model="tiny-chat", messages=chat(MATH), tools=CALCULATOR, tool_choice="auto",
+                                               temperature=0)
+    assert auto.choices[0].finish_reason == "tool_calls"
+
+
+def test_server_tools_runs_the_calls_for_the_page(tool_client):
+    """The page's mode: the server runs the call and sends every message of the turn."""
+    r = tool_client.chat.completions.create(model="tiny-chat", messages=chat(MATH), temperature=0,
+                                            extra_body={"server_tools": True})
+    choice = r.model_dump()["choices"][0]
+    call_message, tool_message, answer = choice["messages"]
+    [call] = call_message["tool_calls"]
+    assert call["function"]["name"] == "calculator" and json.loads(call["function"]["arguments"]) == MATH_CALL
+    assert tool_message == {"role": "tool", "tool_call_id": call["id"], "name": "calculator", "content": MATH_RESULT}
+    assert answer == {"role": "assistant", "content": MATH_ANSWER} and choice["finish_reason"] == "stop"
+    assert {k: v for k, v in choice["message"].items() if v is not None} == answer  # `message` is the last one
+
+    deltas = [c.choices[0].delta.model_dump(exclude_none=True) for c in stream_chunks(
+        tool_client, messages=chat(MATH), extra_body={"server_tools": True}) if c.choices]
+    roles = [d["role"] for d in deltas if "role" in d]
+    assert roles == ["assistant", "tool", "assistant"]
+    tool_delta = next(d for d in deltas if d.get("role") == "tool")
+    first_call = next(d["tool_calls"][0] for d in deltas if "tool_calls" in d)
+    assert tool_delta["tool_call_id"] == first_call["id"] and tool_delta["content"] == MATH_RESULT
+    after = deltas[deltas.index(tool_delta) + 1:]
+    assert "".join(d.get("content", "") for d in after) == MATH_ANSWER
+
+
+def test_models_entry_describes_the_model(chat_server, tiny_chat_weight):
+    from model.model_minimind import count_parameters
+    with urllib.request.urlopen(chat_server["base"] + "/v1/models") as r:
+        [entry] = json.loads(r.read())["data"]
+    assert entry["id"] == "tiny-chat" and entry["stage"] == "full_sft" and entry["lora"] is None
+    assert entry["parameters"] == count_parameters(load_weights(tiny_chat_weight))
+    assert (entry["hidden_size"], entry["num_hidden_layers"], entry["use_moe"]) == (64, 2, False)
+    assert entry["tools"] == ["calculator"] and entry["max_seq_len"] == 2048 and entry["raw_prompt"] is False
+
+
+def test_server_prints_and_serves_the_chat_page(chat_server):
+    port = chat_server["base"].rsplit(":", 1)[1]
+    with open(chat_server["log"], encoding="utf-8") as f:
+        assert f"chat page: http://127.0.0.1:{port}/" in f.read()
+    with urllib.request.urlopen(chat_server["base"] + "/") as r:
+        html = r.read().decode()
+        assert r.headers["content-type"].startswith("text/html") and '<script src="/web/app.js">' in html
+    for asset, kind in [("app.js", "javascript"), ("style.css", "text/css")]:
+        with urllib.request.urlopen(chat_server["base"] + "/web/" + asset) as r:
+            assert kind in r.headers["content-type"]
+            assert "cdn" not in r.read().decode().lower()  # everything is served from here
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'}}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": "calculator"}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"tools": [{"type": "function", "function": {"name": "not a name!"}}]}, "tools.0.function.name"),
+    ({"tools": CALCULATOR, "tool_choice": "required"}, "tool_choice"),
+    ({"tools": CALCULATOR, "tool_choice": {"type": "function", "function": {"name": "calculator"}}}, "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"enable_thinking": "yes"}, "enable_thinking"),
+    ({"enable_thinking": 1}, "enable_thinking"),
+    ({"chat_template_kwargs": {"enable_thinking": "true"}}, "chat_template_kwargs.enable_thinking"),
+    ({"chat_template_kwargs": {"add_vision_id": True}}, "chat_template_kwargs.add_vision_id"),
+    ({"enable_thinking": True, "chat_template_kwargs": {"enable_thinking": False}}, "enable_thinking"),
+    ({"server_tools": "yes"}, "server_tools"),
+    ({"server_tools": True, "tools": CALCULATOR}, "tools"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "tool", "content": "2"}]}, "messages.1.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}]}, "messages.1"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [CALL]},
+                   {"role": "tool", "content": "2", "tool_call_id": "call_9"}]}, "messages.2.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [CALL]},
+                   {"role": "tool", "content": "2", "tool_call_id": "call_1"}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}]},
+     "messages.3.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [CALL]},
+                   {"role": "user", "content": "well?"}]}, "messages.2"),
+    ({"messages": [{"role": "user", "content": "1+1?", "tool_calls": [CALL]}]}, "messages.0.tool_calls"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": None}]}, "messages.1.content"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [{"type": "function",
+      "function": CALL["function"]}]}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}]}, "messages.1.tool_calls.0.id"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": []}]}, "messages.1.tool_calls"),
+    ({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "tool_calls": [{**CALL, "function": {
+      "name": "calculator", "arguments": 2}}]}, {"role": "tool", "content": "2", "tool_call_id": "call_1"}]},
+     "messages.1.tool_calls.0.function.arguments"),
+    ({"tools": CALCULATOR, "tool_choice": 1}, "tool_choice"),
+])
+def test_invalid_tool_and_thinking_fields_get_400(chat_server, body, param):
+    status, err = post(chat_server["base"], {"messages": chat(MATH), **body})
+    assert status == 400, err
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["param"] == param, err
+    assert err["error"]["message"].startswith(param), err
+
+
+def test_server_tools_needs_a_server_started_with_tools(server):
+    status, err = post(server["base"], {"messages": chat("hi"), "server_tools": True})
+    assert status == 400 and err["error"]["param"] == "server_tools" and "--tools" in err["error"]["message"], err
+
+
+def test_tool_messages_are_paired_with_calls_in_the_calls_order():
+    """Results given in another order than the calls are put in the calls' order (the template pairs them by position)."""
+    from scripts.serve_openai_api import ChatMessage, template_messages
+    calls = [{"id": f"call_{i}", "type": "function", "function": {"name": "calculator", "arguments": f'{{"expression":"{i}+{i}"}}'}}
+             for i in range(3)]
+    messages = [ChatMessage(**m) for m in [{"role": "user", "content": "sums?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                                           *[{"role": "tool", "content": str(2 * i), "tool_call_id": f"call_{i}"} for i in (2, 0, 1)],
+                                           {"role": "user", "content": "and?"}]]
+    out = template_messages(messages)
+    assert [m.get("tool_call_id") for m in out] == [None, None, "call_0", "call_1", "call_2", None]
+    assert [m["content"] for m in out[2:5]] == ["0", "2", "4"]
+    # a JSON-string argument is parsed, so the call renders the way the model writes it
+    assert out[1]["content"] == "" and out[1]["tool_calls"][1]["function"]["arguments"] == {"expression": "1+1"}
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Sure.\n<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2*3\"}}\n</tool_call>",
+     ("Sure.", [{"name": "calculator", "arguments": {"expression": "2*3"}}])),
+    ("<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>",
+     ("", [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}])),
+    ("<tool_call>\nnot json\n</tool_call>", ("", ["not json"])),
+    ("cut off <tool_call>\n{\"name\": \"a\", \"argu", ("cut off", ["{\"name\": \"a\", \"argu"])),
+    ("no call here, just <tool text", ("no call here, just <tool text", [])),
+    ("trailing blank stays\n", ("trailing blank stays\n", [])),
+])
+def test_tool_call_blocks_are_cut_out_the_same_streamed_or_whole(text, want):
+    def run(pieces):
+        s = ReplySplitter(tool_calls=True)
+        out = [e for p in pieces for e in s.feed(p)] + s.finish()
+        return "".join(e[1] for e in out if e[0] == "content"), [e[1] for e in out if e[0] == "tool_call"]
+    assert run([text]) == want
+    assert run(list(text)) == want
+
+
+@pytest.mark.parametrize("start,text,want", [
+    ("think", "hmm\n</think>\n<answer>\n42\n</answer>", ("hmm", "42", True)),
+    ("think", "still thinking", ("still thinking", "", True)),
+    ("answer", "<answer>\n42\n</answer>", ("", "42", False)),
+    ("answer", "\n plain answer \n", ("", "plain answer", False)),
+])
+def test_pre_filled_think_block_starts(start, text, want):
+    for pieces in ([text], list(text)):
+        s = ReplySplitter(start=start)
+        out = [d for p in pieces for d in s.feed(p)] + s.finish()
+        got = ("".join(t for f, t in out if f == "reasoning_content"), "".join(t for f, t in out if f == "content"), s.reasoning)
+        assert got == want

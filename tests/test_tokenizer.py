@@ -22,7 +22,10 @@ SHIPPED_CORPUS_SHA256 = "8b1ab3f121acaa50450feeba78949b7062831e7e51affe4074b458f
 SHIPPED_WITH_PYTHON = "3.11.7"
 
 SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
-            "<think>": 3, "</think>": 4, "<answer>": 5, "</answer>": 6}
+            "<think>": 3, "</think>": 4, "<answer>": 5, "</answer>": 6,
+            "<tool_call>": 7, "</tool_call>": 8, "<tool_response>": 9, "</tool_response>": 10,
+            **{f"<|reserved_{i}|>": 11 + i for i in range(16)}}
+TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,11 @@ def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
-def test_reasoning_tags_survive_skip_special_tokens(tok):
-    ids = tok.encode("<think>\nx\n</think>\n<answer>\n1\n</answer><|im_end|>", add_special_tokens=False)
-    assert tok.decode(ids, skip_special_tokens=True) == "<think>\nx\n</think>\n<answer>\n1\n</answer>"
+def test_reply_tags_survive_skip_special_tokens_and_reserved_tokens_do_not(tok):
+    text = "".join(f"{t}x" for t in TAGS)
+    ids = tok.encode(text + "<|reserved_3|><|im_end|>", add_special_tokens=False)
+    assert len(ids) == 2 * len(TAGS) + 2
+    assert tok.decode(ids, skip_special_tokens=True) == text
 
 
 def test_chat_template_renders_chatml(tok):
@@ -120,3 +125,64 @@ def test_shipped_tokenizer_is_what_the_documented_command_produces(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         with open(out / name, "rb") as f, open(os.path.join(ROOT, "model", name), "rb") as g:
             assert f.read() == g.read(), f"model/{name} differs from what train_tokenizer.py produces"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chat template: tools, tool calls, tool results, reasoning_content, thinking on/off
+# ----------------------------------------------------------------------------------------------------
+CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                                        "required": ["expression"]}}}
+TOOLS_BLOCK = ("# Tools\n\nYou may call these functions:\n<tools>\n" + json.dumps(CALC, ensure_ascii=False) + "\n</tools>\n\n"
+               "To call one, reply with:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+               "</tool_call><|im_end|>\n")
+
+
+def test_template_renders_tools_into_the_system_turn(tok):
+    user = [{"role": "user", "content": "3*4?"}]
+    assert (tok.apply_chat_template(user, tools=[CALC], tokenize=False)
+            == "<|im_start|>system\n" + TOOLS_BLOCK + "<|im_start|>user\n3*4?<|im_end|>\n")
+    with_system = [{"role": "system", "content": "你是助手。"}] + user
+    assert (tok.apply_chat_template(with_system, tools=[CALC], tokenize=False)
+            == "<|im_start|>system\n你是助手。\n\n" + TOOLS_BLOCK + "<|im_start|>user\n3*4?<|im_end|>\n")
+    empty_system = [{"role": "system", "content": ""}] + user  # MiniMind-3's tool lines: tools on an empty system message
+    assert (tok.apply_chat_template(empty_system, tools=[CALC], tokenize=False)
+            == tok.apply_chat_template(user, tools=[CALC], tokenize=False))
+
+
+def test_template_renders_tool_calls_and_grouped_tool_results(tok):
+    call = lambda i, expr, as_string: {"id": f"call_{i}", "type": "function", "function": {  # noqa: E731
+        "name": "calculator", "arguments": json.dumps({"expression": expr}) if as_string else {"expression": expr}}}
+    msgs = [{"role": "user", "content": "3*4 and 5+6?"},
+            {"role": "assistant", "content": "Let me compute.", "tool_calls": [call(1, "3*4", True), call(2, "5+6", False)]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "11"},
+            {"role": "assistant", "content": None, "tool_calls": [call(3, "12+11", True)]},
+            {"role": "tool", "tool_call_id": "call_3", "content": "23"},
+            {"role": "assistant", "content": "12, 11; together 23."}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == (
+        "<|im_start|>user\n3*4 and 5+6?<|im_end|>\n"
+        "<|im_start|>assistant\nLet me compute.\n"
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*4"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "5+6"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n12\n</tool_response>\n<tool_response>\n11\n</tool_response><|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "12+11"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n23\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n12, 11; together 23.<|im_end|>\n")
+
+
+def test_template_renders_reasoning_content_and_thinking_switch(tok):
+    q = [{"role": "user", "content": "1+1?"}]
+    reply = {"role": "assistant", "content": "2", "reasoning_content": "\none plus one\n"}
+    assert (tok.apply_chat_template(q + [reply], tokenize=False)
+            == "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n<think>\none plus one\n</think>\n2<|im_end|>\n")
+    empty = {"role": "assistant", "content": "2", "reasoning_content": ""}
+    assert tok.apply_chat_template(q + [empty], tokenize=False).endswith("assistant\n<think>\n\n</think>\n2<|im_end|>\n")
+    head = "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    prompt = lambda **kw: tok.apply_chat_template(q, tokenize=False, add_generation_prompt=True, **kw)  # noqa: E731
+    assert prompt() == head
+    assert prompt(enable_thinking=True) == prompt(open_thinking=True) == head + "<think>\n"
+    assert prompt(enable_thinking=False) == prompt(open_thinking=False) == head + "<think>\n\n</think>\n"
+    assert prompt(enable_thinking=False, open_thinking=True) == head + "<think>\n\n</think>\n"  # the vLLM/Qwen3 name wins
+    # thinking off pre-fills exactly what an assistant turn with empty reasoning starts with
+    assert tok.apply_chat_template(q + [empty], tokenize=False).startswith(prompt(enable_thinking=False))

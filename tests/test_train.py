@@ -232,13 +232,14 @@ def test_reason_weights_hit_only_tags_in_assistant_spans(tmp_path, tok):
     path = write_jsonl(tmp_path / "r.jsonl", [conv("请用<think>和<answer>格式回答：1+1=?", "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>",
                                                    system="<think>系统</think>")])
     ids, labels = one_batch(SFTDataset(path, tok, max_length=128), n=1)
-    tag_ids = torch.tensor(tok.convert_tokens_to_ids(list(tdr.TAGS)))
-    targets, weights, labelled = tdr.tag_weights(labels, tag_ids, 10.0)
+    sequences = list(tdr.tag_sequences(tok).values())
+    assert [len(s) for s in sequences] == [1, 1, 1, 1]  # single tokens in our tokenizer (test_interop: several)
+    targets, weights, labelled = tdr.tag_weights(labels, sequences, 10.0)
     heavy = (weights == 10.0)
     assert tok.convert_ids_to_tokens(targets[heavy].tolist()) == ["<think>", "</think>", "<answer>", "</answer>"]
     assert torch.equal(weights[~heavy & labelled], torch.ones(int((~heavy & labelled).sum())))
     assert (weights[~labelled] == 0).all()
-    losses = overfit(tiny_model(), lambda m, b: tdr.reason_loss(m, b, tag_ids, 10.0), (ids, labels))
+    losses = overfit(tiny_model(), lambda m, b: tdr.reason_loss(m, b, sequences, 10.0), (ids, labels))
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -281,20 +282,23 @@ def test_unwritable_out_dir(data, tmp_path):
 
 
 def test_crash_mid_save_keeps_old_weight_file(tmp_path, monkeypatch):
+    """A save that dies half-way (here: torch.save raises after writing part of the file) leaves the previous
+    weights and their .json as they were. tests/test_errors.py does it for real: a full disk, a size limit."""
+    import errno
+
     import trainer_utils
     model = tiny_model()
     path = str(tmp_path / "pretrain_64.pth")
     trainer_utils.save_weights(model, path)
-    before = open(path, "rb").read()
+    before = open(path, "rb").read(), open(path[:-4] + ".json", "rb").read()
 
     def exploding_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(trainer_utils.torch, "save", exploding_save)
-    with pytest.raises(OSError):
+    with pytest.raises(trainer_utils.UserError, match="no space left"):
         trainer_utils.save_weights(tiny_model(seed=1), path)
-    assert open(path, "rb").read() == before
+    assert (open(path, "rb").read(), open(path[:-4] + ".json", "rb").read()) == before
     assert not any(".tmp" in f for f in os.listdir(tmp_path))
 
 

@@ -1,1 +1,1 @@
-"""Shared helpers with one job each, imported by the train_*.py scripts (rollouts and rewards for RL)."""
+"""Small helper modules the scripts share, one job each (see each module's docstring; trainer_utils.py holds the plumbing)."""

@@ -18,7 +18,7 @@ from fractions import Fraction
 
 import torch
 
-from trainer_utils import UserError
+from trainer_utils import UserError, nonneg_int, positive_int
 
 REWARD_NAMES = ("format", "answer", "repetition", "length", "model")
 
@@ -171,8 +171,8 @@ def add_reward_args(parser, rewards):
                         "answer; needs \"gt\" in the data), repetition (repeated 3-grams), length (--length_min..--length_max "
                         "characters), model (--reward_model_path)")
     g.add_argument("--reward_weights", default=None, help="comma-separated weights, one per reward; unset: all 1")
-    g.add_argument("--length_min", type=int, default=20, help="length reward: shortest reply without penalty, in characters")
-    g.add_argument("--length_max", type=int, default=800, help="length reward: longest reply without penalty, in characters")
+    g.add_argument("--length_min", type=nonneg_int, default=20, help="length reward: shortest reply without penalty, in characters")
+    g.add_argument("--length_max", type=positive_int, default=800, help="length reward: longest reply without penalty, in characters")
     g.add_argument("--reward_model_path", default=None,
                    help="the model reward: a local transformers AutoModelForSequenceClassification folder")
     return g

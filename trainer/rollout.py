@@ -16,16 +16,16 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import RLPromptDataset, VerifiableRLPromptDataset
 from model.model_minimind import output_cache
-from trainer_utils import UserError, add_bool, str2bool, unwrap
+from trainer_utils import UserError, add_bool, float_in, positive_float, positive_int, str2bool, unwrap
 
 
 def add_rollout_args(parser, num_generations):
     g = parser.add_argument_group("rollouts")
-    g.add_argument("--num_generations", type=int, default=num_generations, help="replies sampled per prompt (G)")
-    g.add_argument("--max_new_tokens", "--max_gen_len", dest="max_new_tokens", type=int, default=256,
+    g.add_argument("--num_generations", type=positive_int, default=num_generations, help="replies sampled per prompt (G)")
+    g.add_argument("--max_new_tokens", "--max_gen_len", dest="max_new_tokens", type=positive_int, default=256,
                    help="longest reply; a reply cut here has no end token and all its tokens count")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (> 0)")
-    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: draw only from the most likely tokens "
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of the rollouts (> 0)")
+    g.add_argument("--top_p", type=float_in(0, 1, lo_open=True), default=1.0, help="nucleus sampling: draw only from the most likely tokens "
                                                              "whose probabilities add up to this (1: all)")
     g.add_argument("--enable_thinking", type=str2bool, nargs="?", const=True, default=None, metavar="0|1",
                    help="passed to the chat template: 1 opens the reply with <think>, 0 pre-fills an empty think "
@@ -35,8 +35,6 @@ def add_rollout_args(parser, num_generations):
 
 
 def check_rollout_args(args):
-    if args.temperature <= 0 or args.max_new_tokens < 1 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be > 0, --max_new_tokens >= 1 and --top_p in (0, 1]")
     if args.compile:
         raise UserError("--compile is not supported for RL (the rollout shapes change at every step)")
 
@@ -45,7 +43,7 @@ def load_prompts(args, tokenizer, need_gt):
     """The RL prompts of --data_path; with need_gt (a reward checks answers) every line must carry its answer."""
     dataset = VerifiableRLPromptDataset if need_gt else RLPromptDataset
     return dataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
-                   skip_bad_lines=args.skip_bad_lines)
+                   skip_bad_lines=args.skip_bad_lines, conversations_column=args.conversations_column)
 
 
 @dataclass
