@@ -790,8 +790,9 @@ def split_word_problems(rng, n, n_eval, record, train_record=None):
 
 
 def build_r1(rng, n, n_eval):
-    return split_word_problems(rng, n, n_eval, r1_record,
-                               lambda q, steps, r: r1_record(q, steps, r, thinking=rng.random() >= THINKING_OFF_SHARE))
+    # thinking on or off by the question's own seeded draw, so the problems drawn stay those of build_rlaif
+    return split_word_problems(rng, n, n_eval, r1_record, lambda q, steps, r: r1_record(
+        q, steps, r, thinking=random.Random(q).random() >= THINKING_OFF_SHARE))
 
 
 def rlaif_record(q, r):
