@@ -577,6 +577,11 @@ def check_steps_left(args, state, total_steps, rpath):
                         f"stands; raise it or drop it")
 
 
+def make_optimizer(params, args, ctx):
+    """AdamW; fused on CUDA (one kernel for all parameters instead of several per parameter)."""
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=ctx.cuda)
+
+
 def take_optimizer_step(optimizer, scaler, params, grad_clip):
     """Clip, step and clear the gradients. Returns False when the float16 GradScaler skipped the step."""
     if grad_clip > 0:
@@ -605,8 +610,7 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     save_fn = save_fn or save_stage_weights
     model.to(ctx.device)
     params = trainable_params if trainable_params is not None else [p for p in model.parameters() if p.requires_grad]
-    fused = ctx.cuda  # fused AdamW: one kernel for all parameters on CUDA
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=fused)
+    optimizer = make_optimizer(params, args, ctx)
     loader, sampler = make_loader(dataset, args, ctx, collate_fn)
     steps_per_epoch = len(loader) // args.accumulation_steps
     if steps_per_epoch == 0:
