@@ -4,6 +4,7 @@ Chat with, or auto-test, the model any stage wrote; optionally with a LoRA adapt
     python eval_model.py                                        # full_sft model; asks [0] auto test / [1] manual input
     python eval_model.py --model_mode 0                         # pretrain model: it continues text, it cannot chat
     python eval_model.py --lora_name lora_medical --model_mode 2  # rlhf model + out/lora/lora_medical_512.pth
+    python eval_model.py --weight grpo                          # any stage's file by its prefix: out/grpo_512.pth
     python eval_model.py --prompt "你好" --prompt "你是谁？" --temperature 0   # scripted and greedy
     printf '1\\n你好\\n' | python eval_model.py                  # piped: optional menu answer, then one prompt a line
     python eval_model.py --load 1 --model_path MiniMind2        # a transformers folder (save_pretrained / convert_model.py)
@@ -27,9 +28,9 @@ from dataset.lm_dataset import load_tokenizer, render_chat
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
 from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
-from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, check_weight_tokenizer, device_name,
-                           float_in, load_weights, lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, run_main,
-                           seed_int, weight_path)
+from trainer_utils import (MODEL_MODES, ArgumentParser, UserError, add_bool, check_weight_tokenizer, device_name, float_in,
+                           load_weights, lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, resolve_weight,
+                           run_main, seed_int)
 
 USER, BOT = "👶: ", "🤖️: "  # the markers MiniMind prints before each turn
 TOOL = "🔧 "  # before each tool call's result
@@ -92,6 +93,9 @@ def get_args(argv=None):
     g = p.add_argument_group("which model")
     g.add_argument("--model_mode", type=int, default=1, choices=sorted(MODEL_MODES),
                    help="0: pretrain, 1: full_sft, 2: rlhf (DPO), 3: reason; loads {out_dir}/{prefix}_{dim}[_moe].pth (default 1)")
+    g.add_argument("--weight", default=None,
+                   help="any stage's weight file instead of --model_mode: its prefix in --out_dir (pretrain, full_sft, rlhf, "
+                        "reason, grpo, ppo, ...) or a .pth path")
     g.add_argument("--lora_name", type=plain_name, default=None,
                    help="apply {out_dir}/lora/{NAME}_{dim}.pth (made by train_lora.py --lora_name NAME) on the model; "
                         "use the --model_mode it was trained on (default: no LoRA)")
@@ -134,6 +138,8 @@ def get_args(argv=None):
         p.error("--model_path is read only with --load 1 (a transformers folder); add --load 1, or drop --model_path")
     args.model_path = args.model_path or "MiniMind2"
     args.dropout = 0.0  # load_weights builds plain .pth models from the flags and wants this
+    # a pretrain model continues raw text instead of chatting
+    args.pretrain = os.path.basename(args.weight).startswith("pretrain") if args.weight else args.model_mode == 0
     if args.lora_name in ("None", "none", ""):
         args.lora_name = None  # MiniMind's spelling of "no LoRA"
     return args
@@ -141,10 +147,10 @@ def get_args(argv=None):
 
 def chat_tools(args):
     """--tools as {name: Tool} (empty without it); the flags a pretrain model cannot use are one clear error."""
-    if args.model_mode == 0:
+    if args.pretrain:
         for flag, value in [("--tools", args.tools), ("--enable_thinking", args.enable_thinking)]:
             if value is not None:
-                raise UserError(f"{flag} needs a chat model: the pretrain model (--model_mode 0) only continues text; "
+                raise UserError(f"{flag} needs a chat model: a pretrain model only continues text; "
                                 f"use --model_mode 1 or later")
     return tools_from_args(args)
 
@@ -157,10 +163,9 @@ def load_model(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
     if args.load == 0:
-        prefix = MODEL_MODES[args.model_mode]
-        path = weight_path(args.out_dir, prefix, args.dim, args.use_moe)
+        path, maker = resolve_weight(args, args.weight or MODEL_MODES[args.model_mode])
         if not os.path.exists(path):
-            raise UserError(f"{path} not found: run {STAGE_SCRIPTS[prefix]} first "
+            raise UserError(f"{path} not found: {f'run {maker} first ' if maker else ''}"
                             f"(or pass the --out_dir / --dim / --use_moe it was trained with)")
         model, tokenizer, what = load_weights(path, args), load_tokenizer(args.tokenizer_path), path
         check_weight_tokenizer(path, model, args.tokenizer_path, tokenizer)
@@ -256,7 +261,7 @@ def shown(pieces, args, prefill=""):
 
 def reply(model, tokenizer, messages, args):
     """Print the assistant's turn after the 🤖️ marker and return its full text (think part included)."""
-    ids = prompt_ids(tokenizer, messages, pretrain=args.model_mode == 0, thinking=args.enable_thinking)
+    ids = prompt_ids(tokenizer, messages, pretrain=args.pretrain, thinking=args.enable_thinking)
     prefill = THINK_PREFILL[args.enable_thinking]
     return prefill + "".join(shown(stream_text(tokenizer, generate_ids(model, tokenizer, ids, args)), args, prefill))
 
@@ -287,7 +292,7 @@ def tool_reply(model, tokenizer, messages, tools, args):
 # Where the prompts come from
 # ----------------------------------------------------------------------------------------------------
 def auto_prompts(args):
-    if args.model_mode == 0:
+    if args.pretrain:
         return PRETRAIN_PROMPTS
     if args.tools:
         return TOOL_PROMPTS

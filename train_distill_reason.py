@@ -57,33 +57,37 @@ def reason_loss(model, batch, sequences, special_token_weight):
 
 
 def tags_in_data(dataset, sequences, n=TAG_CHECK_SAMPLES):
-    """The tags that occur in the labelled replies of the first n samples."""
-    found = set()
+    """The tags that occur in the labelled replies of the first n samples, or None when none of them keeps a
+    labelled token (the window is too short: train() says so)."""
+    found, labelled = set(), False
     for i in range(min(n, len(dataset))):
         labels = dataset[i][1][None]
+        labelled = labelled or bool((labels != -100).any())
         for tag, seq in sequences.items():
             if tag not in found and tag_positions(labels, [seq.cpu()]).any():
                 found.add(tag)
-    return found
+    return found if labelled else None
 
 
 def main():
     parser = build_parser("MiniMind reasoning distillation", out_weight="reason", epochs=1, batch_size=8,
-                          learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf")
+                          learning_rate=1e-6, max_seq_len=1024, data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf",
+                          data_column="conversations")
     g = parser.add_argument_group("reasoning")
     g.add_argument("--special_token_weight", type=nonneg_float, default=10.0, help="loss weight of <think>/</think>/<answer>/</answer>")
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                         conversations_column=args.conversations_column)
     sequences = tag_sequences(tokenizer, ctx.device)
     found = tags_in_data(dataset, sequences)
-    if not found:
+    if found is not None and not found:
         as_ids = ", ".join(f"{tag} = {seq.tolist()}" for tag, seq in sequences.items())
         raise UserError(f"{args.data_path}: no reply in the first {TAG_CHECK_SAMPLES} samples contains a reasoning tag as "
                         f"{args.tokenizer_path} encodes it ({as_ids}); replies must look like <think>\\n...\\n</think>\\n"
                         f"<answer>\\n...\\n</answer> (or use train_full_sft.py)")
-    if len(found) < len(TAGS):
+    if found and len(found) < len(TAGS):
         ctx.print(f"note: {', '.join(t for t in TAGS if t not in found)} not found in the first {TAG_CHECK_SAMPLES} replies")
     model = load_from_weight(args)
 

@@ -18,11 +18,12 @@ def loss_fn(model, batch):
 def main():
     parser = build_parser("MiniMind full SFT", out_weight="full_sft", epochs=2, batch_size=16, learning_rate=5e-5,
                           max_seq_len=512, data_path="dataset/sft_mini_512.jsonl", from_weight="pretrain",
-                          packing=True)
+                          packing=True, data_column="conversations")
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                         conversations_column=args.conversations_column)
     model = load_from_weight(args)
     collate = make_pack_collate(args.max_seq_len) if args.packing else make_collate(tokenizer.pad_token_id)
     train(args, ctx, model, dataset, collate, loss_fn, stage="full_sft")

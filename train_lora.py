@@ -21,7 +21,8 @@ def loss_fn(model, batch):
 
 def main():
     parser = build_parser("MiniMind LoRA fine-tuning", out_weight="lora", epochs=50, batch_size=32, learning_rate=5e-5,
-                          max_seq_len=512, data_path="dataset/lora_identity.jsonl", from_weight="rlhf")
+                          max_seq_len=512, data_path="dataset/lora_identity.jsonl", from_weight="rlhf",
+                          data_column="conversations")
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_name", type=plain_name, default="lora_identity", help="adapter name: writes {out_dir}/lora/{lora_name}_{dim}.pth")
     g.add_argument("--lora_rank", type=positive_int, default=16, help="rank of each adapter (A is rank x in, B is out x rank)")
@@ -31,7 +32,8 @@ def main():
     args.save_weight = args.lora_name  # resume/log files are named after the adapter
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                         conversations_column=args.conversations_column)
     model = load_from_weight(args)
     apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=tuple(args.lora_targets.split(",")))
     params = mark_only_lora_trainable(model)  # the base stays frozen, bit for bit

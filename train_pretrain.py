@@ -2,9 +2,11 @@
 
     python train_pretrain.py --data_path dataset/pretrain_hq.jsonl
     torchrun --nproc_per_node 2 train_pretrain.py
+    python train_pretrain.py --data_path dataset/pretrain_hq_tokens   # shards from scripts/prepare_data.py
 Writes out/pretrain_{dim}[_moe].pth, which train_full_sft.py loads.
 """
 from dataset.lm_dataset import PretrainDataset, load_tokenizer, make_collate, make_pack_collate
+from dataset.token_shards import TokenShardDataset, is_token_shards
 from model.model_minimind import MiniMindForCausalLM
 from trainer_utils import Context, build_parser, model_config_from_args, run_main, train
 
@@ -19,11 +21,15 @@ def loss_fn(model, batch):
 def main():
     parser = build_parser("MiniMind pretraining", out_weight="pretrain", epochs=1, batch_size=32, learning_rate=5e-4,
                           max_seq_len=512, data_path="dataset/pretrain_hq.jsonl", accumulation_steps=8,
-                          packing=True)
+                          packing=True, data_column="text")
     args = parser.parse_args()
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    if is_token_shards(args.data_path):  # tokenized once by scripts/prepare_data.py: no tokenizing in the loop
+        dataset = TokenShardDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+    else:
+        dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                                  text_column=args.text_column)
     model = MiniMindForCausalLM(model_config_from_args(args))
     collate = make_pack_collate(args.max_seq_len) if args.packing else make_collate(tokenizer.pad_token_id)
     train(args, ctx, model, dataset, collate, loss_fn, stage="pretrain")

@@ -25,13 +25,16 @@ from trainer.file_io import (atomic_torch_save, atomic_write_files, atomic_write
 from trainer.tokenizer_fingerprint import tokenizer_mismatch, tokenizer_record
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
-                 "reason": "train_distill_reason.py", "full_dist": "train_distillation.py"}
+                 "reason": "train_distill_reason.py", "full_dist": "train_distillation.py", "grpo": "train_grpo.py",
+                 "ppo": "train_ppo.py"}
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 
 def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, max_seq_len, data_path,
-                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False):
-    """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own."""
+                 accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False,
+                 data_column=None):
+    """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own.
+    data_column="text" adds --text_column, for a corpus that names the column the stage reads differently."""
     p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
@@ -48,11 +51,17 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
     if from_weight is not None:
         g.add_argument("--from_weight", default=from_weight,
-                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason) or a .pth path")
+                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason, grpo, ...) or a .pth path")
     g.add_argument("--save_weight", type=plain_name, default=out_weight, help="prefix of the weight file this stage writes")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=data_path, help="jsonl training data")
+    g.add_argument("--data_path", default=data_path,
+                   help="training data: a jsonl file, a .parquet file, a folder or quoted glob of parquet files, or a "
+                        "folder written by datasets' save_to_disk" + (" (or token shards from scripts/prepare_data.py)"
+                                                                      if data_column == "text" else ""))
+    if data_column:
+        g.add_argument(f"--{data_column}_column", default=data_column,
+                       help=f'the key / column that holds "{data_column}", if the data names it differently')
     g.add_argument("--num_workers", type=nonneg_int, default=1, help="DataLoader worker processes")
     add_bool(g, "--skip_bad_lines", help="skip malformed data lines (and report how many) instead of stopping")
     if packing:
@@ -319,9 +328,14 @@ def check_weight_tokenizer(path, model, tokenizer_path, tokenizer=None):
             raise UserError(problem)
 
 
+def is_weight_path(name):
+    """A weight file is named by its path (ends in .pth or has a folder) or by its stage prefix (grpo, reason, ...)."""
+    return name.endswith(".pth") or os.sep in name
+
+
 def resolve_weight(args, name):
     """--from_weight is a stage prefix in --out_dir or a path. Returns (path, script that makes it)."""
-    if name.endswith(".pth") or os.sep in name:
+    if is_weight_path(name):
         return name, None
     return weight_path(args.out_dir, name, args.dim, args.use_moe), STAGE_SCRIPTS.get(name)
 
@@ -373,10 +387,26 @@ def make_loader(dataset, args, ctx, collate_fn):
         raise UserError(f"{args.data_path}: {len(dataset)} samples is fewer than one batch "
                         f"({ctx.world} process(es) x --batch_size {args.batch_size}); lower --batch_size")
     sampler = ResumableSampler(dataset, ctx, args.seed)
+    # The loader's own generator seeds its workers, so starting an epoch does not draw from the global RNG
+    # (RL samples replies from it; a resumed run must continue the same stream).
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, collate_fn=counting_collate(collate_fn, args.skip_bad_lines),
-                                         pin_memory=ctx.cuda, persistent_workers=False)
+                                         pin_memory=ctx.cuda, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(args.seed))
     return loader, sampler
+
+
+def step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
+    """For each optimizer step left in the run, the list of its --accumulation_steps batches, each as
+    (batch, samples in it with nothing to learn). The caller counts state["step"]; the epoch (and, after a
+    resume, the place in it) is kept here."""
+    while state["step"] < total_steps:
+        state["epoch"] = state["step"] // steps_per_epoch
+        done_in_epoch = state["step"] - state["epoch"] * steps_per_epoch
+        sampler.set_epoch(state["epoch"], skip=done_in_epoch * args.accumulation_steps * args.batch_size)
+        it = iter(loader)
+        for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state["step"])):
+            yield [next(it) for _ in range(args.accumulation_steps)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -542,33 +572,75 @@ def resume_path(args):
     return weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)[:-len(".pth")] + "_resume.pth"
 
 
-def load_resume(rpath, ctx, model, optimizer, state):
-    """Continue from a resume file: model, optimizer, scaler, progress and this rank's RNG. Any problem with
-    the file is one line; nothing is written."""
-    fix = "delete it to start fresh, or run without --resume"
-    ck = read_torch_file(rpath, "resume file", fix)
-    saved = ck.get("state") if isinstance(ck, dict) else None
-    if (not isinstance(saved, dict) or not all(k in ck for k in ("model", "optimizer", "scaler", "rng"))
-            or not isinstance(saved.get("step"), int) or not isinstance(saved.get("epoch"), int) or not ck["rng"]):
-        raise UserError(f"{rpath}: not a resume file written by these scripts (no model/optimizer/state entries); {fix}")
-    saved_shape = saved.get("run_shape", state["run_shape"])
-    if saved_shape != state["run_shape"]:
-        diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in state["run_shape"].items() if saved_shape.get(k) != v)
-        raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
-                        f"data and number of processes, or delete it to start fresh")
-    try:
-        unwrap(model).load_state_dict(ck["model"], strict=True)
-        optimizer.load_state_dict(ck["optimizer"])
-        ctx.scaler.load_state_dict(ck["scaler"])
-        restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
-    except Exception as e:  # noqa: BLE001 - another model or stage wrote it, or an entry is damaged
-        raise UserError(f"{rpath} does not fit this run ({brief(e)}); {fix}") from None
-    state.update(saved, resumed=True)
-    state["optimizer_steps"] = saved.get("optimizer_steps", saved["step"])  # files from before this was counted
+def count_steps(loader, args):
+    """(optimizer steps per epoch, optimizer steps in the run) from --epochs, --accumulation_steps, --max_steps."""
+    steps_per_epoch = len(loader) // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"{args.data_path}: {len(loader)} batches per epoch is fewer than --accumulation_steps "
+                        f"{args.accumulation_steps}; lower it or --batch_size")
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    return steps_per_epoch, total_steps
 
 
-def check_steps_left(args, state, total_steps, rpath):
-    """Refuse a run that would take no step: it could only rewrite the weight file with what it loaded."""
+def new_run_state(args, ctx, total_steps, n_samples, **shape):
+    """The loop state a resume file carries. run_shape is what fixes the data order and the schedule (plus
+    any stage-specific `shape`): a resume with other values would not continue the same run."""
+    run_shape = {"batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps, "world_size": ctx.world,
+                 "total_steps": total_steps, "seed": args.seed, "samples": n_samples, **shape}
+    return {"epoch": 0, "step": 0, "optimizer_steps": 0, "resumed": False, "run_shape": run_shape}
+
+
+def make_optimizer(params, args, ctx, lr=None):
+    """AdamW; fused on CUDA (one kernel for all parameters instead of several per parameter)."""
+    return torch.optim.AdamW(params, lr=lr or args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+                             fused=ctx.cuda)
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def wrap_ddp(model, ctx):
+    if not ctx.ddp:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+
+
+def load_resume(args, ctx, state, parts, total_steps):
+    """--resume: restore `parts` (name in the file -> module or optimizer), the GradScaler, the loop state and
+    this rank's RNG from the resume file; state["run_shape"] must equal the saved one. Any problem with the
+    file is one line; nothing is written. Then refuse a run that would take no step."""
+    rpath = resume_path(args)
+    if args.resume and not os.path.exists(rpath):
+        ctx.print(f"no resume file at {rpath}; starting fresh")
+    elif args.resume:
+        fix = "delete it to start fresh, or run without --resume"
+        ck = read_torch_file(rpath, "resume file", fix)
+        saved = ck.get("state") if isinstance(ck, dict) else None
+        if (not isinstance(saved, dict) or not all(k in ck for k in ("model", "optimizer", "scaler", "rng"))
+                or not isinstance(saved.get("step"), int) or not isinstance(saved.get("epoch"), int) or not ck["rng"]):
+            raise UserError(f"{rpath}: not a resume file written by these scripts (no model/optimizer/state entries); {fix}")
+        saved_shape = saved.get("run_shape", state["run_shape"])
+        if saved_shape != state["run_shape"]:
+            diff = ", ".join(f"{k} {saved_shape.get(k)} -> {v}" for k, v in state["run_shape"].items() if saved_shape.get(k) != v)
+            raise UserError(f"{rpath} was written by a run with other settings ({diff}); resume with the same flags, "
+                            f"data and number of processes, or delete it to start fresh")
+        missing = [name for name in parts if name not in ck]
+        if missing:
+            raise UserError(f"{rpath} holds no {', '.join(missing)}: another script wrote it; {fix}")
+        try:
+            for name, obj in parts.items():
+                unwrap(obj).load_state_dict(ck[name])  # modules load strictly
+            ctx.scaler.load_state_dict(ck["scaler"])
+            restore_rng(ck["rng"][ctx.rank] if ctx.rank < len(ck["rng"]) else ck["rng"][0])
+        except Exception as e:  # noqa: BLE001 - another model or stage wrote it, or an entry is damaged
+            raise UserError(f"{rpath} does not fit this run ({brief(e)}); {fix}") from None
+        state.update(saved, resumed=True)
+        state["optimizer_steps"] = saved.get("optimizer_steps", saved["step"])  # files from before this was counted
+        ctx.print(f"resumed from {rpath} at optimizer step {state['step']}")
     if state["step"] >= total_steps:
         raise UserError(f"{rpath} is from a run that already finished (step {state['step']} of {total_steps}): nothing to "
                         f"resume; drop --resume to train again, or delete the file")
@@ -577,21 +649,139 @@ def check_steps_left(args, state, total_steps, rpath):
                         f"stands; raise it or drop it")
 
 
-def make_optimizer(params, args, ctx):
-    """AdamW; fused on CUDA (one kernel for all parameters instead of several per parameter)."""
-    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=ctx.cuda)
+def save_checkpoint(args, ctx, state, parts, save_fn=None):
+    """The stage's weight file (save_fn(model) writes it and returns its path) and the resume file: `parts`,
+    GradScaler, loop state and every rank's RNG, so a resumed run continues each rank's stream. Nothing is
+    written before the first optimizer step: the weights are still the ones loaded, never written over a file."""
+    if state["optimizer_steps"] == 0:
+        return
+    rng = [rng_state()]
+    if ctx.ddp:
+        rng = [None] * ctx.world
+        dist.all_gather_object(rng, rng_state())
+
+    def write():  # rank 0 only; its errors (a full disk) reach every rank through on_master
+        model = unwrap(parts["model"])
+        if save_fn is None:
+            path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
+            save_weights(model, path, args.save_dtype, tokenizer_path=args.tokenizer_path)
+        else:
+            path = save_fn(model)
+        state["saved"] = path
+        ck = {name: ({k: v.detach().cpu() for k, v in unwrap(obj).state_dict().items()} if isinstance(obj, torch.nn.Module)
+                     else obj.state_dict()) for name, obj in parts.items()}
+        ck.update(scaler=ctx.scaler.state_dict(), state={k: v for k, v in state.items() if k != "resumed"}, rng=rng)
+        atomic_torch_save(ck, resume_path(args))
+    ctx.on_master(write)
 
 
-def take_optimizer_step(optimizer, scaler, params, grad_clip):
-    """Clip, step and clear the gradients. Returns False when the float16 GradScaler skipped the step."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+class SkippedSteps:
+    """Counts optimizer steps skipped for a non-finite loss (stopping the run after --max_nonfinite in a
+    row) or for having no labelled token on any rank."""
+    def __init__(self, max_in_row):
+        self.max_in_row, self.in_row, self.nonfinite, self.unlabelled = max_in_row, 0, 0, 0
+
+    def record(self):
+        return {**({"skipped_steps": self.nonfinite} if self.nonfinite else {}),
+                **({"unlabelled_steps": self.unlabelled} if self.unlabelled else {})}
+
+
+def optimizer_step(ctx, state, optimizers, grad_clip, skips, bad, targets=None):
+    """Finish optimizer step state["step"] + 1. One host sync tells every rank whether any rank's loss was
+    non-finite (`bad` > 0) and whether any rank had a labelled token (`targets` > 0; None: always). If not,
+    all drop the gradients (a zero gradient would still move the weights through AdamW's momentum and weight
+    decay); else all unscale (float16), clip and step. optimizers: list of (optimizer, its params).
+    Counts taken steps in state["optimizer_steps"]; returns True if the step was taken."""
+    flags = torch.stack([bad.float(), torch.ones((), device=bad.device) if targets is None else (targets > 0).float()])
+    nonfinite, learnable = ctx.all_reduce_max(flags).tolist()
+    if nonfinite > 0 or learnable == 0:
+        for opt, _ in optimizers:
+            opt.zero_grad(set_to_none=True)
+        if nonfinite > 0:
+            skips.in_row += 1
+            skips.nonfinite += 1
+            ctx.print(f"step {state['step'] + 1}: non-finite loss, step skipped ({skips.in_row} in a row)")
+            if skips.in_row >= skips.max_in_row:
+                raise UserError(f"loss was NaN/inf for {skips.in_row} optimizer steps in a row; lower --learning_rate, "
+                                f"try --dtype bfloat16 or float32, or check the data")
+        else:
+            skips.unlabelled += 1
+        return False
+    skips.in_row = 0
+    taken = take_optimizer_step(optimizers, ctx.scaler, grad_clip)
+    state["optimizer_steps"] += taken
+    return taken
+
+
+def take_optimizer_step(optimizers, scaler, grad_clip):
+    """Unscale (float16), clip and step each (optimizer, its params), update the GradScaler once, clear the
+    gradients. Returns False when the float16 GradScaler skipped the step (its gradients overflowed)."""
     scale = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.step(optimizer)
+    for opt, params in optimizers:
+        if grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for opt, _ in optimizers:
+        opt.zero_grad(set_to_none=True)
     return scale is None or scaler.get_scale() >= scale  # the scale drops only when the step was skipped
+
+
+class RunningMeans:
+    """Sums of the numbers logged between two log lines; `read` averages each over the times it was added
+    and over the ranks (one sync for all of them)."""
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, metrics):
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.sums[k] = self.sums.get(k, 0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def read(self, ctx):
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        means = torch.stack([torch.as_tensor(self.sums[k], device=ctx.device).float() / self.counts[k] for k in keys])
+        means = ctx.all_reduce_mean(means).tolist()
+        self.sums, self.counts = {}, {}
+        return {k: round(v, 6) for k, v in zip(keys, means)}
+
+
+def after_step(args, ctx, state, total_steps, parts, logger, record_fn, started, skips, save_fn=None):
+    """What a loop does after its step counter moved: log record_fn() every --log_interval steps and at the
+    end (with the skipped steps, and an ETA from started = (time, step) at the loop's start), save every
+    --save_interval steps. Returns True when --stop_at_step says to stop here."""
+    step = state["step"]
+    if step % args.log_interval == 0 or step == total_steps:
+        rate = (step - started[1]) / max(time.time() - started[0], 1e-9)
+        record = {"step": step, "epoch": state["epoch"] + 1, **record_fn(), **skips.record(),
+                  "eta_s": round((total_steps - step) / max(rate, 1e-9), 1)}
+        if ctx.cuda:
+            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
+        logger.log(record)
+    if step % args.save_interval == 0 and step != total_steps:
+        save_checkpoint(args, ctx, state, parts, save_fn)
+    return bool(args.stop_at_step and step >= args.stop_at_step and step != total_steps)
+
+
+def end_run(args, ctx, state, total_steps, parts, logger, stopped_early, skips, save_fn=None):
+    """The final save (also when --stop_at_step stopped the run early) and the closing line; a run that took
+    no optimizer step is an error and writes nothing."""
+    if state["optimizer_steps"] == 0:
+        logger.finish()
+        causes = [f"{skips.nonfinite} with a non-finite loss (lower --learning_rate)"] if skips.nonfinite else []
+        causes += [f"{skips.unlabelled} with no labelled token (raise --max_seq_len)"] if skips.unlabelled else []
+        raise UserError(f"no optimizer step was taken in {state['step']} step(s): {', '.join(causes) or 'all skipped'}; "
+                        f"no weight file was written (an existing one is unchanged)")
+    save_checkpoint(args, ctx, state, parts, save_fn)
+    logger.finish()
+    if stopped_early:
+        ctx.print(f"stopped at step {state['step']} of {total_steps} (--stop_at_step); continue with --resume 1")
+    else:
+        ctx.print(f"saved {state.get('saved')}")
 
 
 def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_params=None, save_fn=None):
@@ -602,41 +792,17 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     weight file is written only once an optimizer step has been taken (a step whose loss is non-finite, or
     whose batches carry no label on any rank, is skipped, not taken)."""
     check_out_dir(args.out_dir)
-    out_path = weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
-
-    def save_stage_weights(m):
-        save_weights(m, out_path, args.save_dtype, tokenizer_path=args.tokenizer_path)
-        return out_path
-    save_fn = save_fn or save_stage_weights
     model.to(ctx.device)
     params = trainable_params if trainable_params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args, ctx)
     loader, sampler = make_loader(dataset, args, ctx, collate_fn)
-    steps_per_epoch = len(loader) // args.accumulation_steps
-    if steps_per_epoch == 0:
-        raise UserError(f"{args.data_path}: {len(loader)} batches per epoch is fewer than --accumulation_steps "
-                        f"{args.accumulation_steps}; lower it or --batch_size")
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-
-    # What fixes the data order and the schedule: a resume with other values would not continue the same run.
-    run_shape = {"batch_size": args.batch_size, "accumulation_steps": args.accumulation_steps, "world_size": ctx.world,
-                 "total_steps": total_steps, "seed": args.seed, "samples": len(dataset)}
-    state = {"epoch": 0, "step": 0, "optimizer_steps": 0, "resumed": False, "run_shape": run_shape}
-    rpath = resume_path(args)
-    if args.resume:
-        if os.path.exists(rpath):
-            load_resume(rpath, ctx, model, optimizer, state)
-            ctx.print(f"resumed from {rpath} at optimizer step {state['step']}")
-        else:
-            ctx.print(f"no resume file at {rpath}; starting fresh")
-    check_steps_left(args, state, total_steps, rpath)
+    steps_per_epoch, total_steps = count_steps(loader, args)
+    state = new_run_state(args, ctx, total_steps, len(dataset))
+    parts = {"model": model, "optimizer": optimizer}
+    load_resume(args, ctx, state, parts, total_steps)
     check_learnable(dataset, args, ctx)
 
-    ddp_model = model
-    if ctx.ddp:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    ddp_model = wrap_ddp(model, ctx)
     forward_model = torch.compile(ddp_model) if args.compile else ddp_model
     logger = Logger(args, ctx, stage, state)
     n_params = count_parameters(unwrap(model))
@@ -646,138 +812,66 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     peak = device_peak_flops(ctx.device)
     fpt = flops_per_token(unwrap(model).config, args.max_seq_len)
 
-    def save():
-        if state["optimizer_steps"] == 0:  # the weights are still the ones loaded: never write them over a file
-            return
-        rng = [rng_state()]
-        if ctx.ddp:  # every rank's RNG, so a resumed run continues each rank's stream
-            rng = [None] * ctx.world
-            dist.all_gather_object(rng, rng_state())
-
-        def write():  # rank 0 only; its errors (a full disk) reach every rank through on_master
-            state["saved"] = save_fn(unwrap(model))
-            ck = {"model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-                  "optimizer": optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-                  "state": {k: v for k, v in state.items() if k != "resumed"}, "rng": rng}
-            atomic_torch_save(ck, rpath)
-        ctx.on_master(write)
-
     model.train()
-    nonfinite_in_row, skipped_total, unlabelled_steps = 0, 0, 0
+    skips = SkippedSteps(args.max_nonfinite)
     unlabelled_samples = torch.zeros((), device=ctx.device)  # samples with nothing to learn, this rank
     t0, tokens_since, wait_s = time.time(), 0, 0.0
     nonpad_since = torch.zeros((), device=ctx.device, dtype=torch.long)
-    run_t0, run_start_step = t0, state["step"]
-    metrics_sum, loss_sum, micro_count = {}, torch.zeros((), device=ctx.device), 0
+    started = (t0, state["step"])
+    means = RunningMeans()
     stopped_early = False
-    while state["step"] < total_steps:
-        epoch = state["epoch"]
-        done_in_epoch = state["step"] - epoch * steps_per_epoch
-        sampler.set_epoch(epoch, skip=done_in_epoch * args.accumulation_steps * args.batch_size)
-        it = iter(loader)
-        for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state["step"])):
-            lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            bad = torch.zeros((), device=ctx.device)
-            targets = torch.zeros((), device=ctx.device)  # labelled positions in this step's batches
-            for micro in range(args.accumulation_steps):
-                t_wait = time.time()
-                batch, n_unlabelled = next(it)
-                batch = to_device(batch, ctx.device)
-                wait_s += time.time() - t_wait
-                unlabelled_samples += n_unlabelled
-                n_targets = batch_targets(batch)
-                targets += 1 if n_targets is None else n_targets
-                last = micro == args.accumulation_steps - 1
-                # Gradients are all-reduced only on the last micro-batch of an accumulation.
-                sync = ddp_model.no_sync() if (ctx.ddp and not last) else contextlib.nullcontext()
-                with sync:
-                    with ctx.autocast:
-                        loss, metrics = loss_fn(forward_model, batch)
-                    bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-                    ctx.scaler.scale(loss / args.accumulation_steps).backward()
-                loss_sum += loss.detach().float()
-                for k, v in metrics.items():
-                    metrics_sum[k] = metrics_sum.get(k, 0) + v.detach().float()
-                micro_count += 1
-                tokens_since += batch_tokens(batch)
-                nonpad_since += batch_nonpad_tokens(batch)
-            # One host sync per optimizer step: all ranks agree whether the loss was finite everywhere and
-            # whether any rank had a labelled token to learn from.
-            nonfinite, learnable = ctx.all_reduce_max(torch.stack([bad, (targets > 0).float()])).tolist()
-            if nonfinite > 0:
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_in_row += 1
-                skipped_total += 1
-                ctx.print(f"step {state['step'] + 1}: non-finite loss, step skipped ({nonfinite_in_row} in a row)")
-                if nonfinite_in_row >= args.max_nonfinite:
-                    raise UserError(f"loss was NaN/inf for {nonfinite_in_row} optimizer steps in a row; lower --learning_rate, "
-                                    f"try --dtype bfloat16 or float32, or check the data")
-            elif learnable == 0:  # a zero gradient would still move the weights (AdamW momentum, weight decay)
-                optimizer.zero_grad(set_to_none=True)
-                unlabelled_steps += 1
-            else:
-                nonfinite_in_row = 0
-                state["optimizer_steps"] += take_optimizer_step(optimizer, ctx.scaler, params, args.grad_clip)
-            state["step"] += 1
-            state["epoch"] = state["step"] // steps_per_epoch
 
-            step = state["step"]
-            if step % args.log_interval == 0 or step == total_steps:
-                dt = time.time() - t0
-                n = max(micro_count, 1)
-                # the logged numbers are averages over all ranks (a sync, but only at log steps)
-                ctx.all_reduce_mean(loss_sum)
-                for v in metrics_sum.values():
-                    ctx.all_reduce_mean(v)
-                tok_s = tokens_since * ctx.world / max(dt, 1e-9)
-                record = {"step": step, "epoch": epoch + 1, "loss": round(loss_sum.item() / n, 6), "lr": lr,
-                          "tokens_per_s": round(tok_s, 1),
-                          "nonpad_tokens_per_s": round(nonpad_since.item() * ctx.world / max(dt, 1e-9), 1),
-                          "data_wait": round(wait_s / max(dt, 1e-9), 4)}
-                record.update({k: round(v.item() / n, 6) for k, v in metrics_sum.items()})
-                if peak:
-                    record["mfu"] = round(tok_s * fpt / (peak * ctx.world), 4)
-                if skipped_total:
-                    record["skipped_steps"] = skipped_total
-                if unlabelled_steps:
-                    record["unlabelled_steps"] = unlabelled_steps
-                rate = (step - run_start_step) / max(time.time() - run_t0, 1e-9)
-                record["eta_s"] = round((total_steps - step) / max(rate, 1e-9), 1)
-                if ctx.cuda:
-                    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
-                logger.log(record)
-                t0, tokens_since, micro_count, wait_s = time.time(), 0, 0, 0.0
-                nonpad_since.zero_()
-                loss_sum.zero_()
-                metrics_sum = {}
-            if step % args.save_interval == 0 and step != total_steps:
-                save()
-            if args.stop_at_step and step >= args.stop_at_step and step != total_steps:
-                stopped_early = True
-                break
-        if stopped_early:
+    def log_record():
+        dt = time.time() - t0
+        tok_s = tokens_since * ctx.world / max(dt, 1e-9)
+        m = means.read(ctx)
+        record = {"loss": m.pop("loss"), "lr": lr, **m, "tokens_per_s": round(tok_s, 1),
+                  "nonpad_tokens_per_s": round(ctx.all_reduce_mean(nonpad_since.float()).item() * ctx.world / max(dt, 1e-9), 1),
+                  "data_wait": round(wait_s / max(dt, 1e-9), 4)}
+        if peak:
+            record["mfu"] = round(tok_s * fpt / (peak * ctx.world), 4)
+        return record
+
+    batches_of_steps = step_batches(loader, sampler, state, steps_per_epoch, total_steps, args)
+    t_wait = time.time()
+    for batches in batches_of_steps:
+        wait_s += time.time() - t_wait  # the loader's time for this step's batches
+        lr = get_lr(state["step"], total_steps, args.learning_rate, args.warmup_iters)
+        set_lr(optimizer, lr)
+        bad = torch.zeros((), device=ctx.device)
+        targets = torch.zeros((), device=ctx.device)  # labelled positions in this step's batches
+        for micro, (batch, n_unlabelled) in enumerate(batches):
+            batch = to_device(batch, ctx.device)
+            unlabelled_samples += n_unlabelled
+            n_targets = batch_targets(batch)
+            targets += 1 if n_targets is None else n_targets
+            last = micro == len(batches) - 1
+            # Gradients are all-reduced only on the last micro-batch of an accumulation.
+            with ddp_model.no_sync() if (ctx.ddp and not last) else contextlib.nullcontext():
+                with ctx.autocast:
+                    loss, metrics = loss_fn(forward_model, batch)
+                bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+                ctx.scaler.scale(loss / len(batches)).backward()
+            means.add({"loss": loss, **metrics})
+            tokens_since += batch_tokens(batch)
+            nonpad_since += batch_nonpad_tokens(batch)
+        optimizer_step(ctx, state, [(optimizer, params)], args.grad_clip, skips, bad, targets)
+        state["step"] += 1
+        if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips, save_fn):
+            stopped_early = True
             break
+        if state["step"] % args.log_interval == 0:  # the rates cover the steps since the last log line
+            t0, tokens_since, wait_s = time.time(), 0, 0.0
+            nonpad_since.zero_()
+        t_wait = time.time()
     n_unlabelled = round(ctx.all_reduce_mean(unlabelled_samples).item() * ctx.world)
     if n_unlabelled:
         what = "skipped (--skip_bad_lines)" if args.skip_bad_lines else \
             "they added nothing to the loss (--skip_bad_lines 1 leaves them out of their batches)"
         ctx.print(f"note: {n_unlabelled} sample(s) read (each epoch counts) had no labelled token within --max_seq_len "
                   f"{args.max_seq_len}; {what}")
-    if state["optimizer_steps"] == 0:
-        logger.finish()
-        causes = [f"{skipped_total} with a non-finite loss (lower --learning_rate)"] if skipped_total else []
-        causes += [f"{unlabelled_steps} with no labelled token (raise --max_seq_len)"] if unlabelled_steps else []
-        raise UserError(f"no optimizer step was taken in {state['step']} step(s): {', '.join(causes) or 'all skipped'}; "
-                        f"no weight file was written (an existing one is unchanged)")
-    save()
-    logger.finish()
-    if stopped_early:
-        ctx.print(f"stopped at step {state['step']} of {total_steps} (--stop_at_step); continue with --resume 1")
-    else:
-        ctx.print(f"saved {state.get('saved')}")
-    return out_path
+    end_run(args, ctx, state, total_steps, parts, logger, stopped_early, skips, save_fn)
+    return weight_path(args.out_dir, args.save_weight, args.dim, args.use_moe)
 
 
 def batch_tokens(batch):

@@ -34,7 +34,7 @@ from trainer.tools import TOOLS, run_tool_call  # noqa: E402  (the tool-use data
 DEFAULT_OUT = os.path.join(ROOT, "dataset", "demo")
 SIZES = dict(  # default line counts; each is a --flag
     pretrain_eval=200, sft=4000, sft_eval=200, sft_tools=400, tool_eval=100, dpo=1500, dpo_eval=200, r1=2000, r1_eval=200,
-    lora_identity=800, lora_identity_eval=60, lora_medical=400,
+    lora_identity=800, lora_identity_eval=60, lora_medical=400, rlaif=1000, rlaif_eval=200,
 )
 FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
     "pretrain": ["pretrain_hq.jsonl", "pretrain_eval.jsonl"],
@@ -43,6 +43,7 @@ FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
     "r1": ["r1_mix_1024.jsonl", "r1_eval.jsonl"],
     "lora_identity": ["lora_identity.jsonl", "lora_identity_eval.jsonl"],
     "lora_medical": ["lora_medical.jsonl"],
+    "rlaif": ["rlaif.jsonl", "rlaif_eval.jsonl"],
 }
 EVAL_PERMILLE = 100  # share of chat prompts reserved for eval files (10%)
 
@@ -768,7 +769,10 @@ def r1_record(q, steps, r, thinking=True):
     return {"conversations": [msg("user", q), msg("assistant", answer)]}
 
 
-def build_r1(rng, n, n_eval):
+def split_word_problems(rng, n, n_eval, record, train_record=None):
+    """Draw distinct word problems until both splits are full: a problem showing a reserved number goes to
+    eval, any other to train. record(question, steps, answer) makes the line (train_record, if given, a
+    training line)."""
     train, evals, seen = [], [], set()
     for _ in range((n + n_eval) * 50):
         if len(train) >= n and len(evals) >= n_eval:
@@ -779,10 +783,26 @@ def build_r1(rng, n, n_eval):
         seen.add(q)
         if R1_EVAL_NUMBERS & set(nums):
             if len(evals) < n_eval:
-                evals.append(r1_record(q, steps, r))
+                evals.append(record(q, steps, r))
         elif len(train) < n:
-            train.append(r1_record(q, steps, r, thinking=rng.random() >= THINKING_OFF_SHARE))
+            train.append((train_record or record)(q, steps, r))
     return train, evals
+
+
+def build_r1(rng, n, n_eval):
+    # thinking on or off by the question's own seeded draw, so the problems drawn stay those of build_rlaif
+    return split_word_problems(rng, n, n_eval, r1_record, lambda q, steps, r: r1_record(
+        q, steps, r, thinking=random.Random(q).random() >= THINKING_OFF_SHARE))
+
+
+def rlaif_record(q, r):
+    """MiniMind's rlaif.jsonl shape: the prompt, an empty assistant placeholder, and the ground truth."""
+    return {"conversations": [msg("user", q), msg("assistant", "")], "gt": str(r)}
+
+
+def build_rlaif(rng, n, n_eval):
+    """Word problems for RL with verifiable answers; the eval split shows reserved numbers, like r1_eval."""
+    return split_word_problems(rng, n, n_eval, lambda q, steps, r: rlaif_record(q, r))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -802,7 +822,8 @@ MANIFEST_HEAD = """# MiniMind demo data
 
 Built by `python dataset/build_demo_data.py` (offline, deterministic). Formats are MiniMind's:
 pretrain `{"text": ...}`; SFT / LoRA / reasoning `{"conversations": [{"role", "content"}, ...]}`;
-DPO `{"chosen": [messages], "rejected": [messages]}`. `*_eval.jsonl` files are held out: their prompts
+DPO `{"chosen": [messages], "rejected": [messages]}`; RL prompts `{"conversations": [user, empty assistant],
+"gt": answer}`. `*_eval.jsonl` files are held out: their prompts
 never occur in any training file.
 
 Sources: Chinese prose = People's Daily, January 1998 (segmented/POS-tagged corpus of Peking University's
@@ -822,6 +843,7 @@ STAGE_NOTE = {
     "r1_mix_1024.jsonl": "reasoning distillation", "r1_eval.jsonl": "reasoning (held out, unseen numbers)",
     "lora_identity.jsonl": "LoRA identity (小星 / XiaoXing)", "lora_identity_eval.jsonl": "LoRA identity (unseen phrasings)",
     "lora_medical.jsonl": "LoRA medical domain",
+    "rlaif.jsonl": "RL prompts with ground truth (GRPO / PPO)", "rlaif_eval.jsonl": "RL (held out, unseen numbers)",
 }
 
 
@@ -862,6 +884,8 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=600_000, 
             tr, ev = build_r1(rng(stage), sz["r1"], sz["r1_eval"])
         elif stage == "lora_identity":
             tr, ev = build_lora_identity(rng(stage), sz["lora_identity"], sz["lora_identity_eval"])
+        elif stage == "rlaif":
+            tr, ev = build_rlaif(rng(stage), sz["rlaif"], sz["rlaif_eval"])
         elif stage == "lora_medical":
             tr, ev = build_lora_medical(rng(stage), sz["lora_medical"]), None
         else:

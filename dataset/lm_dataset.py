@@ -15,11 +15,20 @@ labels[:, 1:]), unpadded; labels are -100 where there is nothing to learn. Chat 
 tokenizer's own chat template (the same call inference makes), and only what the assistant writes (its
 think part, content and tool-call blocks) and its closing <|im_end|> are learned.
 
-Memory: a multi-GB file is never loaded. Construction makes one streaming pass that validates every line
-and keeps only a numpy array of line byte offsets (8 bytes a line); __getitem__ seeks, reads, parses and
-tokenizes one line. Bad data fails at construction, before any training, with a one-line
-DataFormatError "path:LINE: problem. fix hint" (or is skipped and counted with skip_bad_lines=True).
+Inputs (`path`): a jsonl file; a .parquet file, a folder of them (searched recursively) or a glob
+("data/*.parquet"); a folder written by `datasets`' save_to_disk. Parquet and Arrow rows have the jsonl
+formats' columns and are read through `datasets` (memory-mapped Arrow, imported only for such inputs);
+a corpus that names its column differently is read with `columns={"text": "content"}` (--text_column).
+
+Memory: a multi-GB file is never loaded. Construction makes one streaming pass that validates every
+record and keeps only a numpy array of line byte offsets (8 bytes a line; Arrow rows need nothing unless
+some are skipped); __getitem__ reads, parses and tokenizes one record. Bad data fails at construction,
+before any training, with a one-line DataFormatError "path:LINE: problem. fix hint" ("file.parquet: row
+R: ...", R counted from 0, for Arrow rows), or is skipped and counted with skip_bad_lines=True.
 """
+import functools
+import glob
+import hashlib
 import json
 import os
 import re
@@ -31,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from trainer.cli import UserError, brief, is_first_rank
+from trainer.progress import progress_bar, shows_progress
 
 IGNORE_INDEX = -100
 REPO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
@@ -143,9 +153,10 @@ def parse_tool_calls(value, what):
     return out
 
 
-def chat_messages(msgs, field, tools=None):
+def chat_messages(msgs, field, tools=None, rl_prompt=False):
     """Validate a conversation and return (messages, tools) as the chat template takes them: JSON strings
-    parsed, `tools` lifted off the system message. Raises BadRecord."""
+    parsed, `tools` lifted off the system message. rl_prompt: the last assistant message is RL data's
+    placeholder for the reply to sample. Raises BadRecord."""
     if not isinstance(msgs, list):
         raise BadRecord(f'"{field}" is {type(msgs).__name__}, not a list of messages', SKIP_HINT)
     if not msgs:
@@ -191,7 +202,7 @@ def chat_messages(msgs, field, tools=None):
     if out[0]["role"] == "assistant":
         raise BadRecord(f'"{field}" starts with an assistant message: no prompt comes before it', SKIP_HINT)
     last = assistants[-1]
-    if last["content"].strip() in RL_PLACEHOLDERS and "tool_calls" not in last and "reasoning_content" not in last:
+    if not rl_prompt and last["content"].strip() in RL_PLACEHOLDERS and "tool_calls" not in last and "reasoning_content" not in last:
         raise BadRecord(f'"{field}" ends with an empty or placeholder assistant reply ({json.dumps(last["content"], ensure_ascii=False)}): '
                         f"this looks like RL-prompt data (rlaif.jsonl)",
                         "Use it with train_grpo.py or train_ppo.py, or give that message a real reply.")
@@ -262,9 +273,12 @@ def scan(path, check, skip_bad_lines):
     """One streaming pass: validate every line, return (offsets of good lines, skipped count, first error)."""
     offsets, skipped, first_error = array("q"), 0, None
     pos = 0
-    with open(path, "rb") as f:
+    bar = progress_bar(os.path.getsize(path), f"indexing {os.path.basename(path)}", unit="B", unit_scale=True)
+    with open(path, "rb") as f, bar:
         for lineno, raw in enumerate(f, 1):
             start, pos = pos, pos + len(raw)
+            if lineno % 65536 == 0:
+                bar.update(pos - bar.n)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
                 raw, start = raw[3:], start + 3
             if not raw.strip():
@@ -283,6 +297,7 @@ def scan(path, check, skip_bad_lines):
                 raise DataFormatError(error)
             skipped += 1
             first_error = first_error or error
+        bar.update(pos - bar.n)
     return np.frombuffer(offsets, dtype=np.int64), skipped, first_error  # a view: no second copy
 
 
@@ -318,32 +333,43 @@ def cached_scan(path, kind, check, skip_bad_lines, cache_index):
 
 
 # ----------------------------------------------------------------------------------------------------
-# datasets
+# record sources: a jsonl file (line offsets) or Arrow rows (parquet, a save_to_disk folder)
 
 
-class JsonlDataset(Dataset):
-    kind, check = None, None
+def rename_columns(obj, columns):
+    """The record with a corpus's own column names mapped to the stage's keys: columns={"text": "content"}
+    reads obj["content"] as obj["text"]."""
+    out = {k: v for k, v in obj.items() if k not in columns.values()}
+    for key, source in columns.items():
+        out[key] = obj[source]
+    return out
 
-    def __init__(self, path, tokenizer, max_length, skip_bad_lines=False, cache_index="auto"):
+
+def check_columns(obj, check, columns):
+    """A stage's check, run on a record whose columns are named by --text_column / --conversations_column."""
+    for key, source in columns.items():
+        if source not in obj:
+            keys = ", ".join(f'"{k}"' for k in list(obj)[:5]) or "none"
+            return f'no "{source}" key (named by --{key}_column; keys: {keys})', f"Pass the right --{key}_column. {SKIP_HINT}"
+    return check(rename_columns(obj, columns))
+
+
+class JsonlRecords:
+    """The records of a jsonl file: one validating pass keeps each good line's byte offset; a record is then one
+    seek and one line read."""
+    unit = "line"
+
+    def __init__(self, path, kind, check, skip_bad_lines, cache_index):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: data file not found")
-        self.path, self.tokenizer, self.max_length = path, tokenizer, max_length
-        self.offsets, self.skipped, first_error = cached_scan(path, self.kind, type(self).check, skip_bad_lines, cache_index)
-        if first_error:  # the summary must not tell the user to pass the --skip_bad_lines they passed
-            first_error = first_error.replace(f" {SKIP_HINT}", "")
-        if len(self.offsets) == 0:
-            if self.skipped:
-                raise DataFormatError(f"{path}:1: all {self.skipped} non-blank lines are bad; first: {first_error}")
-            raise DataFormatError(f"{path}:1: no records (the file is empty or blank). Pass a {self.kind} jsonl file with at least one line.")
-        if self.skipped and is_first_rank():
-            print(f"warning: {path}: skipped {self.skipped} bad line(s) (--skip_bad_lines); first: {first_error}", file=sys.stderr)
+        self.path = path
+        self.offsets, self.skipped, self.first_error = cached_scan(path, kind, check, skip_bad_lines, cache_index)
         self._fh, self._pid = None, None
 
     def __len__(self):
         return len(self.offsets)
 
-    def record(self, i):
-        """The parsed jsonl object of sample i (one seek + one line read)."""
+    def __getitem__(self, i):
         if self._fh is None or self._pid != os.getpid():  # one handle per DataLoader worker process
             self._fh, self._pid = open(self.path, "rb"), os.getpid()
         self._fh.seek(int(self.offsets[i]))
@@ -363,6 +389,201 @@ class JsonlDataset(Dataset):
     def __getstate__(self):  # picklable for spawn-started workers; each reopens its own handle
         return {**self.__dict__, "_fh": None, "_pid": None}
 
+    def empty_error(self, kind):
+        if self.skipped:
+            return f"{self.path}:1: all {self.skipped} non-blank lines are bad; first: {self.first_error}"
+        return f"{self.path}:1: no records (the file is empty or blank). Pass a {kind} jsonl file with at least one line."
+
+
+def is_arrow_input(path):
+    """True for the inputs read through `datasets`: a .parquet file, a glob, or a folder."""
+    return path.endswith(".parquet") or glob.has_magic(path) or os.path.isdir(path)
+
+
+def import_datasets(path):
+    try:
+        import datasets
+    except ImportError:
+        raise DataFormatError(f"{path}: reading parquet or a datasets folder needs the `datasets` package "
+                              f"(pip install -r requirements.txt), or pass a jsonl file") from None
+    if not shows_progress():
+        datasets.disable_progress_bars()  # its "Generating train split" bars would fill the logs
+    return datasets
+
+
+def open_arrow(path):
+    """(datasets.Dataset, [(file, rows), ...]) for a parquet file, folder or glob, or a save_to_disk folder."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "index.json")):
+            raise DataFormatError(f"{path}: a folder of token shards from scripts/prepare_data.py: only "
+                                  f"train_pretrain.py reads it. Pass the jsonl or parquet data this stage needs.")
+        if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            return open_saved(path), [(path, None)]
+        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .parquet files in this folder, and no folder written by datasets' save_to_disk")
+    elif glob.has_magic(path):
+        files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise FileNotFoundError(f"{path}: no files match")
+        if any(not f.endswith(".parquet") for f in files):
+            odd = next(f for f in files if not f.endswith(".parquet"))
+            raise DataFormatError(f"{path}: matches {odd}, which is not a .parquet file. A glob may only name parquet files.")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    else:
+        files = [path]
+    datasets = import_datasets(path)
+    import pyarrow.parquet as pq
+    try:
+        files = [(f, pq.ParquetFile(f).metadata.num_rows) for f in files]
+        files = [(f, n) for f, n in files if n > 0]  # datasets fails on a file with no rows
+        if not files:
+            raise DataFormatError(f"{path}: no rows. Pass parquet data with at least one row.")
+        table = datasets.load_dataset("parquet", data_files=[os.path.abspath(f) for f, _ in files], split="train")
+    except DataFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - not parquet, or files whose columns differ
+        raise DataFormatError(f"{path}: cannot read it as parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if sum(n for _, n in files) != len(table):
+        return table, [(path, None)]  # rows are then counted over all files
+    return table, files
+
+
+def open_saved(path):
+    """A folder written by Dataset.save_to_disk (or DatasetDict.save_to_disk: its "train" or only split)."""
+    datasets = import_datasets(path)
+    try:
+        saved = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001
+        raise DataFormatError(f"{path}: cannot read this datasets folder ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved and len(saved) != 1:
+            raise DataFormatError(f"{path}: a DatasetDict with splits {', '.join(saved)} and no \"train\" split. "
+                                  f"Pass one split's folder, e.g. {os.path.join(path, next(iter(saved)))}")
+        saved = saved["train"] if "train" in saved else next(iter(saved.values()))
+    return saved
+
+
+def from_arrow(value, feature):
+    """An Arrow value as the JSON it was made from. A struct (a dict feature) gets every field its column
+    has anywhere, null where the object had none, so its null fields are read as absent, at every depth; a
+    value of datasets' Json type comes back exactly as it was written."""
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {k: from_arrow(v, feature.get(k)) for k, v in value.items() if v is not None}
+    inner = getattr(feature, "feature", None)  # List / LargeList
+    if isinstance(value, list) and inner is not None:
+        return [from_arrow(v, inner) for v in value]
+    return value
+
+
+class ArrowRecords:
+    """Rows of parquet files or a save_to_disk folder, memory-mapped by `datasets`: one validating pass over
+    them, then a record is one row read."""
+    unit = "row"
+    BATCH = 1024
+
+    def __init__(self, path, check, skip_bad_lines):
+        self.path = path
+        self.table, self.files = open_arrow(path)
+        self.features = self.table.features  # (a property that copies them)
+        self.file_starts = np.cumsum([0] + [n or 0 for _, n in self.files[:-1]])
+        good, self.skipped, self.first_error = array("q"), 0, None
+        bar = progress_bar(len(self.table), f"checking {os.path.basename(path.rstrip(os.sep))}", unit="rows")
+        with bar:
+            for start in range(0, len(self.table), self.BATCH):
+                batch = self.table[start:start + self.BATCH]  # {column: values}
+                n = min(self.BATCH, len(self.table) - start)
+                for j in range(n):
+                    try:
+                        problem = check(self.as_record({c: v[j] for c, v in batch.items()}))
+                    except BadRecord as e:
+                        problem = e.args
+                    if problem is None:
+                        good.append(start + j)
+                        continue
+                    error = f"{self.where_row(start + j)}: {problem[0]}. {problem[1]}"
+                    if not skip_bad_lines:
+                        raise DataFormatError(error)
+                    self.skipped += 1
+                    self.first_error = self.first_error or error
+                bar.update(n)
+        # the good rows' numbers are kept only when some were skipped (8 bytes a row)
+        self.rows = np.frombuffer(good, dtype=np.int64) if self.skipped else None
+
+    def as_record(self, row):
+        return {c: from_arrow(v, self.features[c]) for c, v in row.items() if v is not None}
+
+    def __len__(self):
+        return len(self.table) if self.rows is None else len(self.rows)
+
+    def row(self, i):
+        return i if self.rows is None else int(self.rows[i])
+
+    def __getitem__(self, i):
+        return self.as_record(self.table[self.row(i)])
+
+    def where_row(self, r):
+        """`file: row N` for table row r, N counted from 0 within that parquet file."""
+        f = int(np.searchsorted(self.file_starts, r, side="right")) - 1
+        file, rows = self.files[f]
+        return f"{file}: row {r - self.file_starts[f] if rows is not None else r}"
+
+    def where(self, i):
+        return self.where_row(self.row(i))
+
+    def empty_error(self, kind):
+        if self.skipped:
+            return f"{self.path}: all {self.skipped} rows are bad; first: {self.first_error}"
+        return f"{self.path}: no rows. Pass {kind} data with at least one row."
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+
+class RecordDataset(Dataset):
+    """Validated records of a stage's data, from jsonl or Arrow, and the tokenizer to encode them. A stage's
+    dataset sets `kind` and `check` and turns record(i) into a sample in __getitem__."""
+    kind, check = None, None
+
+    def __init__(self, path, tokenizer, max_length, skip_bad_lines=False, cache_index="auto", columns=None):
+        self.path, self.tokenizer, self.max_length = path, tokenizer, max_length
+        self.columns = {k: v for k, v in (columns or {}).items() if k != v}
+        check, kind = type(self).check, self.kind
+        if self.columns:
+            check = functools.partial(check_columns, check=check, columns=self.columns)
+            kind += "." + hashlib.sha1(json.dumps(self.columns, sort_keys=True).encode()).hexdigest()[:8]  # its own index cache
+        if is_arrow_input(path):
+            self.source = ArrowRecords(path, check, skip_bad_lines)
+        else:
+            self.source = JsonlRecords(path, kind, check, skip_bad_lines, cache_index)
+        self.skipped = self.source.skipped
+        if self.source.first_error:  # the summary must not tell the user to pass the --skip_bad_lines they passed
+            self.source.first_error = self.source.first_error.replace(f" {SKIP_HINT}", "")
+        if len(self.source) == 0:
+            raise DataFormatError(self.source.empty_error(self.kind))
+        if self.skipped and is_first_rank():
+            print(f"warning: {path}: skipped {self.skipped} bad {self.source.unit}(s) (--skip_bad_lines); "
+                  f"first: {self.source.first_error}", file=sys.stderr)
+
+    @property
+    def offsets(self):
+        """Byte offset of each jsonl record."""
+        return self.source.offsets
+
+    def __len__(self):
+        return len(self.source)
+
+    def record(self, i):
+        """Record i as a dict with the stage's keys (one line read and parsed, or one Arrow row)."""
+        rec = self.source[i]
+        return rename_columns(rec, self.columns) if self.columns else rec
+
+    def where(self, i):
+        """`path:LINE` or `file: row N` of record i, for error messages."""
+        return self.source.where(i)
+
     def encode_text(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -375,17 +596,23 @@ class JsonlDataset(Dataset):
                                   f"conversation ({brief(e)}). Check --tokenizer_path, or fix the line") from None
 
 
-class PretrainDataset(JsonlDataset):
+JsonlDataset = RecordDataset  # its former name, kept for datasets written against it
+
+
+class PretrainDataset(RecordDataset):
     """bos + text + eos, cut to max_length (the eos survives only if it fits); every token is a target."""
     kind, check = "pretrain", check_pretrain
 
-    def __init__(self, path, tokenizer, max_length=512, skip_bad_lines=False, cache_index="auto"):
-        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
+    def __init__(self, path, tokenizer, max_length=512, skip_bad_lines=False, cache_index="auto", text_column="text"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index, columns={"text": text_column})
+
+    def tokens(self, i):
+        """The whole document's ids, before the cut (what scripts/prepare_data.py stores)."""
+        tok = self.tokenizer
+        return [tok.bos_token_id] + self.encode_text(self.record(i)["text"]) + [tok.eos_token_id]
 
     def __getitem__(self, i):
-        tok = self.tokenizer
-        ids = [tok.bos_token_id] + self.encode_text(self.record(i)["text"]) + [tok.eos_token_id]
-        ids = torch.tensor(ids[: self.max_length], dtype=torch.long)
+        ids = torch.tensor(self.tokens(i)[: self.max_length], dtype=torch.long)
         return ids, ids.clone()
 
 
@@ -456,12 +683,14 @@ def encode_chat(tokenizer, messages, max_length=None, tools=None):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-class SFTDataset(JsonlDataset):
+class SFTDataset(RecordDataset):
     """Chat data for full SFT, LoRA and reasoning distillation."""
     kind, check = "sft", check_sft
 
-    def __init__(self, path, tokenizer, max_length=1024, skip_bad_lines=False, cache_index="auto"):
-        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index)
+    def __init__(self, path, tokenizer, max_length=1024, skip_bad_lines=False, cache_index="auto",
+                 conversations_column="conversations"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index,
+                         columns={"conversations": conversations_column})
 
     def __getitem__(self, i):
         rec = self.record(i)
@@ -470,7 +699,7 @@ class SFTDataset(JsonlDataset):
         return self.encode(messages, tools, i)
 
 
-class DPODataset(JsonlDataset):
+class DPODataset(RecordDataset):
     """Preference pairs; each side labelled like SFT."""
     kind, check = "dpo", check_dpo
 
@@ -562,3 +791,97 @@ def make_pack_collate(max_length, pad_id=0):
         return input_ids, label_out, position_ids
 
     return collate
+
+
+# ----------------------------------------------------------------------------------------------------
+# RL prompts (train_grpo.py, train_ppo.py): MiniMind's rlaif.jsonl, one conversation a line whose last
+# assistant message is a placeholder (its content is not used), plus an optional ground truth for
+# verifiable rewards: "gt" (a string, a number or a list of them, any of which is right) or "answer".
+
+RL = 'RL prompt data ({"conversations": [..., {"role": "assistant", "content": ""}], "gt": ...})'
+END_WITH_PLACEHOLDER = 'End each conversation with the placeholder {"role": "assistant", "content": ""}.'
+
+
+def ground_truth(obj):
+    """The line's accepted answers as strings ([] when it has none)."""
+    value = obj.get("gt", obj.get("answer"))
+    if value is None:
+        return []
+    return [str(v).strip() for v in (value if isinstance(value, list) else [value])]
+
+
+def check_ground_truth(obj):
+    if "gt" in obj and "answer" in obj:
+        return 'has both "gt" and "answer"', f'Keep one ground-truth field. {SKIP_HINT}'
+    key = "gt" if "gt" in obj else "answer" if "answer" in obj else None
+    if key is None:
+        return None
+    what = "a string, a number or a list of them" if key == "gt" else "a string or a number"
+    values = obj[key] if isinstance(obj[key], list) and key == "gt" else [obj[key]]
+    if not values:
+        return f'"{key}" is an empty list', SKIP_HINT
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            return f'"{key}" holds {json.dumps(v, ensure_ascii=False)[:40]}, not {what}', SKIP_HINT
+        if isinstance(v, str) and not v.strip():
+            return f'"{key}" holds an empty string', SKIP_HINT
+    return None
+
+
+def check_rl(obj):
+    if "conversations" not in obj:
+        return wrong_stage(obj, RL, "conversations")
+    extra = [k for k in obj if k not in ("conversations", "tools", "gt", "answer")]
+    if extra:
+        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by RL',
+                EXTRA_HINT)
+    msgs = obj["conversations"]
+    if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) and not any(m.get("role") == "assistant" for m in msgs):
+        return '"conversations" has no assistant message, so there is no reply to sample', f"{END_WITH_PLACEHOLDER} {SKIP_HINT}"
+    tools = parse_tools(obj["tools"], '"tools"') if obj.get("tools") not in (None, "", []) else None
+    msgs, _ = chat_messages(msgs, "conversations", tools, rl_prompt=True)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if msgs[last - 1]["role"] != "user":
+        return ("the prompt (everything before the last assistant message) does not end with a user message",
+                f"{END_WITH_PLACEHOLDER} {SKIP_HINT}")
+    return check_ground_truth(obj)
+
+
+def check_rl_with_gt(obj):
+    problem = check_rl(obj)
+    if problem is None and not ground_truth(obj):
+        return ('no ground truth ("gt" or "answer"), which --rewards answer needs on every line',
+                f"Add the right answer as \"gt\", or drop answer from --rewards for open-ended prompts. {SKIP_HINT}")
+    return problem
+
+
+class RLPromptDataset(RecordDataset):
+    """Prompts to sample replies to. A sample is {"prompt_ids", "messages", "tools", "reply_prefix", "gt"}:
+    reply_prefix is any part of the assistant turn the template pre-fills (e.g. "<think>\\n"), which the
+    rewards read in front of the sampled reply. A prompt longer than max_length keeps its last tokens.
+    enable_thinking (None: not passed) goes to the chat template, which then opens the reply with <think>
+    or pre-fills an empty think block."""
+    kind, check = "rl", check_rl
+
+    def __init__(self, path, tokenizer, max_length=512, enable_thinking=None, skip_bad_lines=False, cache_index="auto",
+                 conversations_column="conversations"):
+        super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index,
+                         columns={"conversations": conversations_column})
+        self.enable_thinking = enable_thinking
+
+    def __getitem__(self, i):
+        rec = self.record(i)
+        line_tools = parse_tools(rec["tools"], '"tools"') if rec.get("tools") not in (None, "", []) else None
+        msgs, tools = chat_messages(rec["conversations"], "conversations", line_tools, rl_prompt=True)
+        messages = msgs[:max(j for j, m in enumerate(msgs) if m["role"] == "assistant")]
+        kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        text = render_chat(self.tokenizer, messages, tools, add_generation_prompt=True, **kwargs)
+        header = f"{self.tokenizer.bos_token}assistant\n"
+        reply_prefix = text.rsplit(header, 1)[1] if header in text else ""
+        return {"prompt_ids": self.encode_text(text)[-self.max_length:], "messages": messages, "tools": tools,
+                "reply_prefix": reply_prefix, "gt": ground_truth(rec)}
+
+
+class VerifiableRLPromptDataset(RLPromptDataset):
+    """RL prompts that must each carry a ground truth (what --rewards answer checks replies against)."""
+    kind, check = "rl_gt", check_rl_with_gt

@@ -4,6 +4,7 @@ Convert between MiniMind's native stage checkpoints and transformers model folde
     # native -> transformers (safetensors + config + tokenizer + chat template + generation_config)
     python scripts/convert_model.py --model_mode 1 --dim 512 --save_dir out/MiniMind2-Small
     python scripts/convert_model.py --weight out/full_sft_512.pth --lora_name lora_medical --save_dir out/minimind-medical
+    python scripts/convert_model.py --weight grpo --save_dir out/minimind-grpo     # a stage by its prefix: out/grpo_512.pth
     # transformers -> native X.pth + X.json (loadable by every train_*.py / eval_model.py)
     python scripts/convert_model.py --to_native --model_path out/MiniMind2-Small --weight out/full_sft_512.pth
 
@@ -34,9 +35,9 @@ import torch  # noqa: E402
 
 from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_minimind3,  # noqa: E402
                                   is_minimind3_config)
-from trainer_utils import (MODEL_MODES, STAGE_SCRIPTS, ArgumentParser, UserError, add_bool, atomic_write_text, brief,  # noqa: E402
-                           check_weight_tokenizer, load_weights, lora_weight_path, plain_name, positive_int, read_json_file,
-                           run_main, save_weights, weight_path)
+from trainer_utils import (MODEL_MODES, ArgumentParser, UserError, add_bool, atomic_write_text, brief,  # noqa: E402
+                           check_weight_tokenizer, is_weight_path, load_weights, lora_weight_path, plain_name, positive_int,
+                           read_json_file, resolve_weight, run_main, save_weights, weight_path)
 from trainer.file_io import describe_os_error  # noqa: E402
 
 MODEL_FILE = os.path.join(ROOT, "model", "model_minimind.py")
@@ -67,10 +68,7 @@ def add_model_args(p, weight_help):
 
 def native_weight_path(args):
     """(path, the script that makes it) for --weight or --model_mode/--out_dir/--dim/--use_moe."""
-    if args.weight:
-        return args.weight, None
-    stage = MODEL_MODES[args.model_mode]
-    return weight_path(args.out_dir, stage, args.dim, args.use_moe), STAGE_SCRIPTS[stage]
+    return resolve_weight(args, args.weight or MODEL_MODES[args.model_mode])
 
 
 def lora_file(args, dim):
@@ -312,8 +310,8 @@ def load_transformers_dir(model_dir) -> MiniMindForCausalLM:
 # ----------------------------------------------------------------------------------------------------
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, weight_help="the native .pth (its .json beside it): read when exporting, written with --to_native "
-                                  "(default: picked by --model_mode/--out_dir/--dim/--use_moe)")
+    add_model_args(p, weight_help="the native .pth (its .json beside it), or a stage prefix in --out_dir (grpo, ppo, ...): "
+                                  "read when exporting, written with --to_native (default: picked by --model_mode/--out_dir/--dim/--use_moe)")
     g = p.add_argument_group("transformers side")
     g.add_argument("--save_dir", default=None, help="transformers folder to write (default: {out_dir}/transformers/{name})")
     add_bool(g, "--to_native", help="convert the other way: --model_path (a transformers folder) -> native --weight")
@@ -352,10 +350,9 @@ def main(argv=None):
         if not args.model_path:
             raise UserError("--to_native needs --model_path (the transformers folder to read)")
         model = load_transformers_dir(args.model_path)
-        if args.weight:
-            out = args.weight
-        else:
-            out = weight_path(args.out_dir, MODEL_MODES[args.model_mode], model.config.hidden_size, model.config.use_moe)
+        out = args.weight or MODEL_MODES[args.model_mode]
+        if not is_weight_path(out):  # a stage prefix: the file name carries the model's own size
+            out = weight_path(args.out_dir, out, model.config.hidden_size, model.config.use_moe)
         if not out.endswith(".pth"):
             raise UserError(f"--weight {out}: a native weight file name must end in .pth")
         if os.path.exists(out) and not args.overwrite:

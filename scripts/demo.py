@@ -3,14 +3,16 @@
     python scripts/demo.py                 # CPU: a tiny model, under 10 minutes on 2 cores
     python scripts/demo.py --out_dir out/demo_cuda --device cuda   # GPU: a 4.5x larger model, a few minutes
 
-Runs the real scripts one after another (pretrain -> full SFT -> DPO -> reasoning distillation, and a
+Runs the real scripts one after another (pretrain -> full SFT -> DPO -> reasoning distillation -> GRPO, and a
 LoRA identity adapter on the DPO model; then a smaller student trained twice from one start, with plain SFT
 and with the full SFT model as its distillation teacher), then evaluates each stage before and after and
-writes {out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar.
+writes {out_dir}/report.md and {out_dir}/loss_curves.png. Exits 1 if a stage misses its bar. --ppo also
+trains PPO from the reasoning model and reports it (no bar).
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -37,6 +39,11 @@ RECIPES = {
                 reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10"],
                 lora=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "5e-3", "--epochs", "5", "--lora_rank", "16",
                       "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+                grpo=["--max_seq_len", "64", "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "80",
+                      "--learning_rate", "2e-4", "--max_steps", "40", "--rewards", "format,answer", "--beta", "0.02"],
+                ppo=["--max_seq_len", "64", "--batch_size", "16", "--num_generations", "2", "--max_new_tokens", "80",
+                     "--mini_batch_size", "16", "--learning_rate", "1e-4", "--critic_learning_rate", "1e-3", "--max_steps", "30",
+                     "--rewards", "format,answer"],
                 # white-box distillation: a smaller student, trained twice from one seeded random init for the same
                 # steps on the same batches (CE only, and CE + KL to the full SFT model); see student_start()
                 student=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -55,20 +62,25 @@ BARS = [("SFT in-format", "sft_in_format", 0.90, ">="),
         ("Thinking off: empty think block, then the answer", "think_off", 0.90, ">="),
         ("LoRA new name (with adapter)", "lora_with", 0.80, ">="),
         ("LoRA new name (without adapter)", "lora_without", 0.10, "<="), ("DPO preference accuracy", "dpo_acc", 0.80, ">="),
-        ("Reasoning template", "reason_template", 0.90, ">=")]
+        ("Reasoning template", "reason_template", 0.90, ">="),
+        ("GRPO right-answer gain over the reasoning model (points)", "grpo_gain", 0.10, ">="),
+        ("GRPO template change (points, must not fall)", "grpo_template_change", 0.0, ">=")]
 
 
 def stage(script, *flags, log, name=None):
     """Run one training script like a user would, echoing its output; its time goes to log[name or script]."""
     cmd = [sys.executable, os.path.join(ROOT, script), *flags]
     print(f"\n$ {' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:])}", flush=True)
-    t0 = time.time()
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in proc.stdout:
         print("   ", line.rstrip(), flush=True)
     if proc.wait() != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); its output is above")
-    log[name or script] = round(time.time() - t0, 1)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds too: on a shared machine wall time says more about the neighbours than about the stage
+    log[name or script] = {"wall": round(time.time() - t0, 1),
+                           "cpu": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)}
 
 
 def ensure_data():
@@ -90,21 +102,22 @@ def plot_curves(out_dir, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    order = ["pretrain", "full_sft", "rlhf", "reason", "lora", "student_ce", "student_kd"]
+    order = ["pretrain", "full_sft", "rlhf", "reason", "grpo", "ppo", "lora", "student_ce", "student_kd"]
     logs = sorted((f for f in os.listdir(os.path.join(out_dir, "logs")) if f.endswith(".jsonl")),
                   key=lambda f: next((i for i, p in enumerate(order) if f.startswith(p)), len(order)))
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2))
     for ax, name in zip(axes, logs):
         with open(os.path.join(out_dir, "logs", name), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
-        for key in ("loss", "ce", "kd"):  # the distillation log also has its two parts
-            if key in rows[0]:
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
-        if "kd" in rows[0]:
+        # RL: the rollouts' mean reward; distillation: the loss and its two parts
+        keys = ["reward"] if "reward" in rows[0] else [k for k in ("loss", "ce", "kd") if k in rows[0]]
+        for key in keys:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+        if len(keys) > 1:
             ax.legend()
         ax.set_title(name[:-len(".jsonl")])
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel("reward" if keys == ["reward"] else "loss")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -115,6 +128,7 @@ def main():
     ap.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="model and recipe (default: the --device's own)")
     ap.add_argument("--skip_training", action="store_true", help="only evaluate checkpoints already in --out_dir")
+    ap.add_argument("--ppo", action="store_true", help="also train PPO from the reasoning model and report it (no bar)")
     args = ap.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -132,6 +146,9 @@ def main():
         stage("train_full_sft.py", *common, *recipe["sft"], "--data_path", f"{DATA}/sft_mini_512.jsonl", log=times)
         stage("train_dpo.py", *common, *recipe["dpo"], "--data_path", f"{DATA}/dpo.jsonl", log=times)
         stage("train_distill_reason.py", *common, *recipe["reason"], "--data_path", f"{DATA}/r1_mix_1024.jsonl", log=times)
+        stage("train_grpo.py", *common, *recipe["grpo"], "--data_path", f"{DATA}/rlaif.jsonl", log=times)
+        if args.ppo:
+            stage("train_ppo.py", *common, *recipe["ppo"], "--data_path", f"{DATA}/rlaif.jsonl", log=times)
         stage("train_lora.py", *common, *recipe["lora"], "--lora_name", "lora_identity",
               "--data_path", f"{DATA}/lora_identity.jsonl", log=times)
         start = os.path.join(out, f"student_start_{s_dim}.pth")
@@ -154,7 +171,7 @@ def main():
     tok = load_tokenizer(os.path.join(ROOT, "model"))
     dim = recipe["model"][1]
     load = lambda prefix: load_weights(os.path.join(out, f"{prefix}_{dim}.pth")).to(device).eval()
-    pre, sft, rlhf, reason = load("pretrain"), load("full_sft"), load("rlhf"), load("reason")
+    pre, sft, rlhf, reason, grpo = load("pretrain"), load("full_sft"), load("rlhf"), load("reason"), load("grpo")
     untrained = MiniMindForCausalLM(pre.config).to(device).eval()
     r = {}
     r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
@@ -169,6 +186,12 @@ def main():
     r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device)
     r["think_on"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device, enable_thinking=True)
     r["think_off"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device, enable_thinking=False)
+    t_rl, cpu_rl = time.time(), time.process_time()
+    r["grpo_before"] = ev.rl_metrics(reason, tok, f"{DATA}/rlaif_eval.jsonl", device)
+    r["grpo_after"] = ev.rl_metrics(grpo, tok, f"{DATA}/rlaif_eval.jsonl", device)
+    if args.ppo:
+        r["ppo_after"] = ev.rl_metrics(load("ppo"), tok, f"{DATA}/rlaif_eval.jsonl", device)
+    times["GRPO evaluation"] = {"wall": round(time.time() - t_rl, 1), "cpu": round(time.process_time() - cpu_rl, 1)}
     r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
     r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
     load_lora(rlhf, lora_weight_path(out, "lora_identity", dim))
@@ -182,7 +205,9 @@ def main():
     flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
             "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"],
             "tool_right": r["tool_after"]["right_tool"], "tool_answer": r["tool_after"]["answer_has_result"],
-            "think_off": r["think_off"]["template"]}
+            "think_off": r["think_off"]["template"],
+            "grpo_gain": r["grpo_after"]["correct"] - r["grpo_before"]["correct"],
+            "grpo_template_change": r["grpo_after"]["template"] - r["grpo_before"]["template"]}
 
     # ---------------------------------------------------------------- report
     pct = lambda x: f"{100 * x:.1f}%"
@@ -205,6 +230,10 @@ def main():
              f"| reasoning | right answer | {pct(r['reason_before']['correct'])} | {pct(r['reason_after']['correct'])} |",
              f"| reasoning | thinking on (`enable_thinking`: prompt opens `<think>`): template / right answer | — | {pct(r['think_on']['template'])} / {pct(r['think_on']['correct'])} |",
              f"| reasoning | thinking off (empty think block pre-filled): empty block then `<answer>` / right answer | — | {pct(r['think_off']['template'])} / {pct(r['think_off']['correct'])} |",
+             f"| GRPO | held-out problems answered right, greedy ({r['grpo_after']['n']}), vs reasoning model | {pct(r['grpo_before']['correct'])} | {pct(r['grpo_after']['correct'])} |",
+             f"| GRPO | replies in `<think>`/`<answer>` template, vs reasoning model | {pct(r['grpo_before']['template'])} | {pct(r['grpo_after']['template'])} |",
+             *([f"| PPO (no bar) | held-out right answers / template, after | | {pct(r['ppo_after']['correct'])} / {pct(r['ppo_after']['template'])} |"]
+               if args.ppo else []),
              f"| LoRA identity | answers with the new name 小星, without / with adapter | {pct(r['lora_without'])} | {pct(r['lora_with'])} |",
              f"| LoRA identity | held-out SFT loss (general ability kept), without / with adapter | {r['sft_loss_base']:.3f} | {r['sft_loss_lora']:.3f} |",
              f"| distillation | held-out SFT loss of a {count_parameters(student_ce) / 1e6:.2f}M student, {steps} steps from one random init: "
@@ -226,11 +255,13 @@ def main():
         lines.append(f"- tools 👶 {q!r} 🤖 {first!r} 🔧 {results!r} 🤖 {final!r}")
     for q, a in r["reason_after"]["samples"]:
         lines.append(f"- reasoning 👶 {q!r} 🤖 {a!r}")
+    for q, a in r["grpo_after"]["samples"]:
+        lines.append(f"- GRPO 👶 {q!r} 🤖 {a!r}")
     for q, a in r["think_off"]["samples"][:1]:
         lines.append(f"- reasoning, thinking off 👶 {q!r} 🤖 {a!r}")
     for p, (a, _) in zip(lora_prompts, lora_samples):
         lines.append(f"- LoRA 👶 {p[-1]['content']!r} 🤖 {a!r}")
-    lines += ["", f"Stage times (s): {json.dumps(times)}", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["", f"Stage times (s, wall and CPU of the process): {json.dumps(times)}", "", "![loss curves](loss_curves.png)", ""]
     report = "\n".join(lines)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(report)

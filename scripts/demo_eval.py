@@ -150,6 +150,20 @@ def reasoning_metrics(model, tokenizer, eval_path, device, enable_thinking=None)
             "samples": [(prompts[i][-1]["content"], replies[i][0]) for i in range(min(2, len(rows)))]}
 
 
+def rl_metrics(model, tokenizer, eval_path, device):
+    """Greedy replies to held-out RL prompts: the share in the <think>/<answer> template, and the share whose
+    final answer equals the ground truth (checked like train_grpo.py's answer reward)."""
+    from dataset.lm_dataset import ground_truth
+    from trainer.rewards import Reply, answer_reward
+    rows = read_jsonl(eval_path)
+    prompts = [split_prompt(r)[0] for r in rows]
+    replies = generate_replies(model, tokenizer, prompts, device, max_new_tokens=128)
+    template = sum(bool(closed and REASON_TEMPLATE.match(text.strip())) for text, closed in replies)
+    right = sum(answer_reward(Reply(p, text, ground_truth(r), closed)) for p, (text, closed), r in zip(prompts, replies, rows))
+    return {"template": template / len(rows), "correct": right / len(rows), "n": len(rows),
+            "samples": [(prompts[i][-1]["content"], replies[i][0]) for i in range(min(2, len(rows)))]}
+
+
 def tool_metrics(model, tokenizer, eval_path, device, max_rounds=3):
     """Held-out tool use, by real round trips: the model's calls are run with the real tools and their
     results fed back as `tool` messages until it answers (at most max_rounds replies). Per tool question: a

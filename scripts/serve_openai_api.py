@@ -208,7 +208,8 @@ def validation_message(errors):
         return None, "invalid request", ""
     def param_of(err):
         return ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_branch(x)) or None
-    deepest = max(errors, key=lambda e: len(param_of(e) or ""))
+    # deepest by path length; among equals the first, as pydantic checks fields in order ("type" before "function")
+    deepest = max(errors, key=lambda e: len((param_of(e) or "").split(".")) if param_of(e) else 0)
     param, kind = param_of(deepest), deepest.get("type", "")
     if kind == "json_invalid":  # its loc is a character offset
         return None, f"request body is not valid JSON ({deepest.get('ctx', {}).get('error', deepest['msg'])})", kind
@@ -750,7 +751,8 @@ def sse_events(engine, job, rid, created, include_usage):
 # ----------------------------------------------------------------------------------------------------
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, weight_help="a native .pth to serve (default: picked by --model_mode/--out_dir/--dim/--use_moe)")
+    add_model_args(p, weight_help="a native .pth to serve, or a stage prefix in --out_dir (grpo, ppo, reason, ...) "
+                                  "(default: picked by --model_mode/--out_dir/--dim/--use_moe)")
     p.add_argument("--model_path", default=None, help="serve a transformers folder (Llama or MiniMind, e.g. from convert_model.py) instead")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface; there is no authentication)")

@@ -10,13 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset import build_demo_data as B  # noqa: E402
-from dataset.lm_dataset import check_dpo, check_pretrain, check_sft  # noqa: E402
+from dataset.lm_dataset import check_dpo, check_pretrain, check_rl_with_gt, check_sft  # noqa: E402
 
 SMALL = dict(pretrain_eval=20, sft=300, sft_eval=40, sft_tools=60, tool_eval=30, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
-             lora_identity=100, lora_identity_eval=20, lora_medical=50)
+             lora_identity=100, lora_identity_eval=20, lora_medical=50, rlaif=100, rlaif_eval=20)
 TRAIN_EVAL = [("pretrain_hq.jsonl", "pretrain_eval.jsonl"), ("sft_mini_512.jsonl", "sft_eval.jsonl"),
               ("dpo.jsonl", "dpo_eval.jsonl"), ("r1_mix_1024.jsonl", "r1_eval.jsonl"),
-              ("lora_identity.jsonl", "lora_identity_eval.jsonl")]
+              ("lora_identity.jsonl", "lora_identity_eval.jsonl"), ("rlaif.jsonl", "rlaif_eval.jsonl")]
 CHAT_FILES = ["sft_mini_512.jsonl", "sft_eval.jsonl", "r1_mix_1024.jsonl", "r1_eval.jsonl", "lora_identity.jsonl",
               "lora_identity_eval.jsonl", "lora_medical.jsonl"]
 
@@ -53,9 +53,9 @@ def test_build_is_byte_identical_twice(small, tmp_path):
 def test_every_file_has_its_stage_format_and_requested_size(small):
     counts = {"pretrain_eval.jsonl": 20, "sft_mini_512.jsonl": 360, "sft_eval.jsonl": 40, "tool_eval.jsonl": 30, "dpo.jsonl": 200,
               "dpo_eval.jsonl": 40, "r1_mix_1024.jsonl": 200, "r1_eval.jsonl": 40, "lora_identity.jsonl": 100,
-              "lora_identity_eval.jsonl": 20, "lora_medical.jsonl": 50}
+              "lora_identity_eval.jsonl": 20, "lora_medical.jsonl": 50, "rlaif.jsonl": 100, "rlaif_eval.jsonl": 20}
     for stage, files in B.FILES.items():
-        check = {"pretrain": check_pretrain, "dpo": check_dpo}.get(stage, check_sft)
+        check = {"pretrain": check_pretrain, "dpo": check_dpo, "rlaif": check_rl_with_gt}.get(stage, check_sft)
         for name in files:
             recs = read(small, name)
             assert recs and all(check(r) is None for r in recs), name
@@ -73,8 +73,9 @@ def test_eval_splits_never_overlap_training(small):
     assert not pre_tr & {r["text"] for r in read(small, "pretrain_eval.jsonl")}
     # no eval prompt is asked in ANY training file of any stage
     train_prompts = set().union(*(prompts(read(small, n)) for n in
-                                  ["sft_mini_512.jsonl", "dpo.jsonl", "r1_mix_1024.jsonl", "lora_identity.jsonl", "lora_medical.jsonl"]))
-    for ev in ["sft_eval.jsonl", "dpo_eval.jsonl", "r1_eval.jsonl", "lora_identity_eval.jsonl"]:
+                                  ["sft_mini_512.jsonl", "dpo.jsonl", "r1_mix_1024.jsonl", "lora_identity.jsonl", "lora_medical.jsonl",
+                                   "rlaif.jsonl"]))
+    for ev in ["sft_eval.jsonl", "dpo_eval.jsonl", "r1_eval.jsonl", "lora_identity_eval.jsonl", "rlaif_eval.jsonl"]:
         assert not prompts(read(small, ev)) & train_prompts, ev
 
 
@@ -140,6 +141,23 @@ def test_reasoning_template_and_answers(small):
             numbers = {int(x) for x in re.findall(r"\d+", r["conversations"][0]["content"])}
             assert bool(numbers & B.R1_EVAL_NUMBERS) == want_reserved  # eval uses numbers never seen in training
     assert 0.05 < thinking_off / len(read(small, "r1_mix_1024.jsonl")) < 0.3
+
+
+def test_rlaif_prompts_carry_the_answer_and_hold_out_numbers(small):
+    import random
+    for name, want_reserved in (("rlaif.jsonl", False), ("rlaif_eval.jsonl", True)):
+        for r in read(small, name):
+            conv = r["conversations"]
+            assert [m["role"] for m in conv] == ["user", "assistant"] and conv[1]["content"] == ""
+            numbers = {int(x) for x in re.findall(r"\d+", conv[0]["content"])}
+            assert bool(numbers & B.R1_EVAL_NUMBERS) == want_reserved
+            assert re.fullmatch(r"-?\d+", r["gt"])
+    # the ground truth is the problem's answer: the same draws give the reasoning data's <answer>
+    rl_train, rl_eval = B.build_rlaif(random.Random(7), 30, 10)
+    r1_train, r1_eval = B.build_r1(random.Random(7), 30, 10)
+    for rl, r1 in zip(rl_train + rl_eval, r1_train + r1_eval):
+        assert rl["conversations"][0] == r1["conversations"][0]
+        assert re.search(r"<answer>\n(-?\d+)\n</answer>$", reply(r1))[1] == rl["gt"]  # thinking on or off
 
 
 def test_medical_answers_are_short_and_cautious(small):

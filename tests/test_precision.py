@@ -72,8 +72,8 @@ def test_fused_adamw_step_equals_unfused(device):
         loss_and_grads(fused_model, batch(device, seed=step), contextlib.nullcontext())
         for p, q in zip(fused_model.parameters(), plain_model.parameters()):
             q.grad = p.grad.clone()  # the same gradients: only the optimizers differ
-        assert take_optimizer_step(fused, ctx.scaler, list(fused_model.parameters()), grad_clip=1.0)
-        assert take_optimizer_step(plain, ctx.scaler, list(plain_model.parameters()), grad_clip=1.0)
+        assert take_optimizer_step([(fused, list(fused_model.parameters()))], ctx.scaler, grad_clip=1.0)
+        assert take_optimizer_step([(plain, list(plain_model.parameters()))], ctx.scaler, grad_clip=1.0)
     moved = max((q - s).abs().max().item() for q, s in zip(plain_model.parameters(), start))
     assert moved > 1e-3  # lr 1e-2: the steps changed the weights
     for (name, p), q in zip(fused_model.named_parameters(), plain_model.parameters()):
@@ -107,14 +107,14 @@ def test_float16_scaler_skips_a_step_with_inf_gradients(device):
         scaler.scale(loss).backward()
 
     backward()
-    assert take_optimizer_step(optimizer, scaler, params, grad_clip=1.0)
+    assert take_optimizer_step([(optimizer, params)], scaler, grad_clip=1.0)
     before = [p.detach().clone() for p in params]
     scale, adam_steps = scaler.get_scale(), optimizer.state[params[0]]["step"].item()
     backward(overflow=True)
-    assert not take_optimizer_step(optimizer, scaler, params, grad_clip=1.0)
+    assert not take_optimizer_step([(optimizer, params)], scaler, grad_clip=1.0)
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     assert scaler.get_scale() == scale / 2 and optimizer.state[params[0]]["step"].item() == adam_steps
     backward()
-    assert take_optimizer_step(optimizer, scaler, params, grad_clip=1.0)
+    assert take_optimizer_step([(optimizer, params)], scaler, grad_clip=1.0)
     assert not all(torch.equal(a, p) for a, p in zip(before, params))
     assert all(torch.isfinite(p).all() for p in params)
