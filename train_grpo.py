@@ -88,7 +88,7 @@ def main():
     tokenizer = load_tokenizer(args.tokenizer_path)
     rewards = Rewards(args, ctx.device)
     dataset = load_prompts(args, tokenizer, rewards.need_gt)
-    model = load_from_weight(args).to(ctx.device)
+    model = load_from_weight(args, finite=True).to(ctx.device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args, ctx)

@@ -135,7 +135,7 @@ def main():
     tokenizer = load_tokenizer(args.tokenizer_path)
     rewards = Rewards(args, ctx.device)
     dataset = load_prompts(args, tokenizer, rewards.need_gt)
-    model = load_from_weight(args).to(ctx.device)
+    model = load_from_weight(args, finite=True).to(ctx.device)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     critic = ValueModel(model).to(ctx.device)
     params, critic_params = list(model.parameters()), list(critic.parameters())

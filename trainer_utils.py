@@ -340,11 +340,16 @@ def resolve_weight(args, name):
     return weight_path(args.out_dir, name, args.dim, args.use_moe), STAGE_SCRIPTS.get(name)
 
 
-def load_from_weight(args, name=None):
-    """The model this stage starts from (--from_weight), loaded strictly."""
+def load_from_weight(args, name=None, finite=False):
+    """The model this stage starts from (--from_weight), loaded strictly. finite: refuse weights holding NaN/inf
+    (a stage that samples from the model, such as RL, cannot even start with them)."""
     path, maker = resolve_weight(args, name or args.from_weight)
     model = load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
     check_weight_tokenizer(path, model, args.tokenizer_path)
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()] if finite else []
+    if bad:
+        raise UserError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values (first: {bad[0]}), so no reply can be "
+                        f"sampled from it; it comes from a run that diverged: retrain {maker or 'that stage'} or pick other weights")
     return model
 
 

@@ -75,6 +75,8 @@ def good(tmp_path_factory, runner):
                                      for a in range(16)])
     write_jsonl(data / "reason.jsonl", [conv(f"{a}+{a}=?", f"<think>\n{a}+{a}={2 * a}\n</think>\n<answer>\n{2 * a}\n</answer>")
                                         for a in range(16)])
+    write_jsonl(data / "rlaif.jsonl", [{"conversations": [{"role": "user", "content": f"{a}加{a}等于几？"},
+                                                          {"role": "assistant", "content": "空"}], "gt": str(2 * a)} for a in range(8)])
     # every 4th prompt is far longer than --max_seq_len 64: its reply is cut off entirely
     write_jsonl(data / "sft_long_prompts.jsonl", [conv(("很长的问题" * 30 if i % 4 == 0 else "") + f"{i}加{i}？", f"{2 * i}。")
                                                   for i in range(16)])
@@ -191,6 +193,8 @@ DPO = lambda *f: train("train_dpo.py", "dpo.jsonl", *f)  # noqa: E731
 LORA = lambda *f: train("train_lora.py", "sft.jsonl", *f)  # noqa: E731
 REASON = lambda *f: train("train_distill_reason.py", "reason.jsonl", *f)  # noqa: E731
 PRETRAIN = lambda *f: train("train_pretrain.py", "pretrain.jsonl", *f)  # noqa: E731
+GRPO = lambda *f: train("train_grpo.py", "rlaif.jsonl", "--num_generations", "2", "--max_new_tokens", "4", *f)  # noqa: E731
+PPO = lambda *f: train("train_ppo.py", "rlaif.jsonl", "--max_new_tokens", "4", "--mini_batch_size", "2", *f)  # noqa: E731
 SMALL = 400_000  # below every weight file (~2 MB) and above every log line
 
 CASES = [
@@ -228,6 +232,18 @@ CASES = [
     Case("bench-batch-size-0", ["scripts/bench_train.py", "--batch_size", "0"], ("--batch_size",)),
     Case("memory-check-items-0", ["scripts/check_dataset_memory.py", "--items", "0"], ("--items",)),
     Case("demo-device-unknown", ["scripts/demo.py", "--device", "tpu9"], ("--device",)),
+    Case("grpo-one-generation", GRPO("--num_generations", "1"), ("--num_generations 1", "2 or more")),
+    Case("grpo-top-p-0", GRPO("--top_p", "0"), ("--top_p",)),
+    Case("grpo-temperature-0", GRPO("--temperature", "0"), ("--temperature", "> 0")),
+    Case("grpo-epsilon-1", GRPO("--loss_type", "grpo", "--epsilon", "1"), ("--epsilon",)),
+    Case("grpo-beta-negative", GRPO("--beta", "-0.1"), ("--beta", ">= 0")),
+    Case("grpo-reward-unknown", GRPO("--rewards", "format,speed"), ("--rewards", "speed")),
+    Case("grpo-reward-weights-count", GRPO("--reward_weights", "1,2,3"), ("--reward_weights",)),
+    Case("grpo-length-window-reversed", GRPO("--rewards", "length", "--length_min", "50", "--length_max", "10"), ("--length_min",)),
+    Case("grpo-compile", GRPO("--compile", "1"), ("--compile", "RL")),
+    Case("ppo-gamma-2", PPO("--gamma", "2"), ("--gamma",)),
+    Case("ppo-mini-batch-too-big", PPO("--mini_batch_size", "64"), ("--mini_batch_size",)),
+    Case("ppo-accumulation", PPO("--accumulation_steps", "2"), ("--accumulation_steps",)),
 
     # ---- a file that is not there
     Case("pretrain-data-missing", train("train_pretrain.py", "nope.jsonl"), ("nope.jsonl", "not found")),
@@ -237,12 +253,22 @@ CASES = [
     Case("eval-lora-missing", EVAL + ["--model_mode", "2", "--lora_name", "lora_nope", "--prompt", "hi"], ("lora_nope_64.pth", "not found")),
     Case("tokenizer-corpus-missing", ["train_tokenizer.py", "--data_path", "{data}/nope.jsonl", "--out_dir", "{out}/tok"], ("nope.jsonl",)),
 
+    Case("grpo-previous-stage-missing", GRPO("--dim", "32"), ("reason_32.pth", "train_distill_reason.py")),
+    Case("grpo-reward-model-missing", GRPO("--rewards", "model", "--reward_model_path", "{root}/nope"), ("--reward_model_path", "no such folder")),
+
+    # ---- data of another stage
+    Case("grpo-sft-data-has-no-answers", GRPO("--data_path", "{data}/sft.jsonl"), ("sft.jsonl:1", "no ground truth")),
+    Case("grpo-dpo-data", GRPO("--data_path", "{data}/dpo.jsonl"), ("dpo.jsonl:1", "DPO")),
+    Case("sft-on-rl-prompts", SFT("--data_path", "{data}/rlaif.jsonl"), ("rlaif.jsonl:1", "RL-prompt data", "train_grpo.py")),
+
     # ---- a run that would take no optimizer step, or whose weights took none
     Case("resume-finished-run", PRETRAIN("--save_weight", "done", "--resume", "1", "--max_seq_len", "32"),
          ("done_64_resume.pth", "already finished")),
     Case("resume-stop-before-resumed-step", PRETRAIN("--max_steps", "3", "--max_seq_len", "32", "--resume", "1", "--stop_at_step", "1"),
          ("--stop_at_step 1",)),
     Case("sft-every-step-non-finite", SFT("--from_weight", "{out}/nan_64.pth"), ("no optimizer step", "non-finite")),
+    Case("grpo-every-step-non-finite", GRPO("--from_weight", "{out}/nan_64.pth"), ("nan_64.pth",)),
+    Case("ppo-every-step-non-finite", PPO("--from_weight", "{out}/nan_64.pth"), ("nan_64.pth",)),
 
     # ---- no sample keeps a labelled token within --max_seq_len
     Case("sft-prompts-longer-than-window", SFT("--max_seq_len", "8"), ("nothing to learn", "--max_seq_len 8")),
