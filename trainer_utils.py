@@ -598,7 +598,7 @@ def new_run_state(args, ctx, total_steps, n_samples, **shape):
 
 
 def make_optimizer(params, args, ctx, lr=None):
-    # fused AdamW: one kernel for all parameters on CUDA
+    """AdamW; fused on CUDA (one kernel for all parameters instead of several per parameter)."""
     return torch.optim.AdamW(params, lr=lr or args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95),
                              fused=ctx.cuda)
 
@@ -713,18 +713,24 @@ def optimizer_step(ctx, state, optimizers, grad_clip, skips, bad, targets=None):
             skips.unlabelled += 1
         return False
     skips.in_row = 0
-    scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else None
-    for opt, params in optimizers:
-        if grad_clip > 0:
-            ctx.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        ctx.scaler.step(opt)
-    ctx.scaler.update()
-    for opt, _ in optimizers:
-        opt.zero_grad(set_to_none=True)
-    taken = scale is None or ctx.scaler.get_scale() >= scale  # the scale drops only when the step was skipped
+    taken = take_optimizer_step(optimizers, ctx.scaler, grad_clip)
     state["optimizer_steps"] += taken
     return taken
+
+
+def take_optimizer_step(optimizers, scaler, grad_clip):
+    """Unscale (float16), clip and step each (optimizer, its params), update the GradScaler once, clear the
+    gradients. Returns False when the float16 GradScaler skipped the step (its gradients overflowed)."""
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    for opt, params in optimizers:
+        if grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
+    scaler.update()
+    for opt, _ in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return scale is None or scaler.get_scale() >= scale  # the scale drops only when the step was skipped
 
 
 class RunningMeans:

@@ -1,31 +1,37 @@
 """Benchmark the real pretraining step: tokens/s, MFU, peak memory and time waiting for data.
 
     python scripts/bench_train.py                                   # CUDA: 26M, 104M, MoE-145M at seq 512
-    python scripts/bench_train.py --presets 26M --batch_size 128 --compile 1
-    python scripts/bench_train.py --length_mix realistic --packing 0   # vs --packing 1
+    python scripts/bench_train.py --presets 26M --batch_size 32 128 --compile 0 1   # four runs, one process
+    python scripts/bench_train.py --length_mix realistic --packing 0 1
     python scripts/bench_train.py --device cpu                      # CPU: a tiny config, a few steps
 
 It writes a synthetic pretrain jsonl, runs train_pretrain.py's own main() (the same code path a user
 runs, not a copy) for --steps optimizer steps, and reads the numbers that the training loop itself logs
-over the last --measure steps (the first steps include warm-up and compilation).
+over the last --measure steps (the first steps include warm-up and compilation). --batch_size, --compile,
+--packing and --num_workers take several values: every combination runs, one after another.
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import random
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import trainer_utils  # noqa: E402
 from model.model_minimind import PRESETS  # noqa: E402
 from trainer.cli import ArgumentParser, UserError, device_name, int_in, nonneg_int, positive_int, run_main  # noqa: E402
+from trainer.file_io import atomic_write_text  # noqa: E402
 
-CPU_TINY = {"tiny-cpu": dict(hidden_size=128, num_hidden_layers=4)}
+CPU_TINY = {"tiny-cpu": dict(hidden_size=128, num_hidden_layers=4),
+            "tiny-cpu-moe": dict(hidden_size=128, num_hidden_layers=2, use_moe=True)}
 
 
 def synthetic_corpus(path, n_lines, seq_len, length_mix, seed=0):
@@ -42,56 +48,82 @@ def synthetic_corpus(path, n_lines, seq_len, length_mix, seed=0):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
 
 
-def run_one(preset_name, args, data_path, out_dir):
+def run_one(preset_name, run, args, data_path, out_dir):
+    """One train_pretrain.main() run. Returns the loop's record for the last --measure steps, and the times at
+    which the loop logged the start and the end of those steps (to line them up with GPU monitor samples)."""
     import train_pretrain
     cfg = {**PRESETS, **CPU_TINY}[preset_name]
-    argv = ["train_pretrain.py", "--dim", str(cfg["hidden_size"]), "--n_layers", str(cfg["num_hidden_layers"]),
-            "--use_moe", str(int(cfg.get("use_moe", False))), "--data_path", data_path, "--out_dir", out_dir,
-            "--max_seq_len", str(args.seq_len), "--batch_size", str(args.batch_size), "--accumulation_steps", "1",
-            "--max_steps", str(args.steps), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
-            "--device", args.device, "--dtype", args.dtype, "--num_workers", str(args.num_workers),
-            "--learning_rate", "5e-4", "--packing", str(args.packing), "--compile", str(args.compile)]
-    sys.argv = argv
+    sys.argv = ["train_pretrain.py", "--dim", str(cfg["hidden_size"]), "--n_layers", str(cfg["num_hidden_layers"]),
+                "--use_moe", str(int(cfg.get("use_moe", False))), "--data_path", data_path, "--out_dir", out_dir,
+                "--max_seq_len", str(args.seq_len), "--batch_size", str(run["batch_size"]), "--accumulation_steps", "1",
+                "--max_steps", str(args.steps), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
+                "--device", args.device, "--dtype", args.dtype, "--num_workers", str(run["num_workers"]),
+                "--learning_rate", "5e-4", "--packing", str(run["packing"]), "--compile", str(run["compile"])]
+    if run["compile"]:
+        torch._dynamo.reset()  # compile for this run's own shapes, not a dynamic-shape graph left by the previous run
     if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    train_pretrain.main()
+    log_times = []
+    logger_log = trainer_utils.Logger.log
+
+    def log_with_time(self, record):  # observe the loop's own log lines; they come after a host sync (loss.item())
+        logger_log(self, record)
+        log_times.append(time.time())
+    trainer_utils.Logger.log = log_with_time
+    try:
+        train_pretrain.main()
+    finally:
+        trainer_utils.Logger.log = logger_log
     with open(os.path.join(out_dir, "logs", f"pretrain_{cfg['hidden_size']}{'_moe' if cfg.get('use_moe') else ''}.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]  # the last --measure steps
+        return [json.loads(line) for line in f][-1], log_times[-2:]
 
 
 def main():
     cuda = torch.cuda.is_available()
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=list(PRESETS) if cuda else list(CPU_TINY))
+    ap.add_argument("--presets", nargs="+", choices=[*PRESETS, *CPU_TINY], default=list(PRESETS) if cuda else ["tiny-cpu"])
     ap.add_argument("--device", type=device_name, default="cuda" if cuda else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seq_len", type=int_in(2), default=512 if cuda else 128)
-    ap.add_argument("--batch_size", type=positive_int, default=64 if cuda else 8)
+    ap.add_argument("--batch_size", type=positive_int, nargs="+", default=[64 if cuda else 8])
     ap.add_argument("--steps", type=int_in(2), default=60 if cuda else 8)
     ap.add_argument("--measure", type=positive_int, default=30 if cuda else 4, help="steps at the end that are timed")
-    ap.add_argument("--num_workers", type=nonneg_int, default=4 if cuda else 0)
-    ap.add_argument("--packing", type=int, default=0, choices=[0, 1])
-    ap.add_argument("--compile", type=int, default=0, choices=[0, 1])
+    ap.add_argument("--num_workers", type=nonneg_int, nargs="+", default=[4 if cuda else 0])
+    ap.add_argument("--packing", type=int, nargs="+", default=[0], choices=[0, 1])
+    ap.add_argument("--compile", type=int, nargs="+", default=[0], choices=[0, 1])
     ap.add_argument("--length_mix", choices=["full", "realistic"], default="full")
+    ap.add_argument("--json", help="also write the results here: a JSON list, one object per run (scripts/gpu_report.py reads it)")
     args = ap.parse_args()
     if args.measure >= args.steps:
         raise UserError(f"--measure {args.measure} must be below --steps {args.steps} (the first steps warm up)")
     tmp = tempfile.mkdtemp(prefix="bench_")
     data = os.path.join(tmp, "bench.jsonl")
-    synthetic_corpus(data, n_lines=args.batch_size * args.steps * (4 if args.length_mix == "realistic" else 1) + 64,
+    synthetic_corpus(data, n_lines=max(args.batch_size) * args.steps * (4 if args.length_mix == "realistic" else 1) + 64,
                      seq_len=args.seq_len, length_mix=args.length_mix)
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    runs = [dict(zip(("batch_size", "compile", "packing", "num_workers"), combo))
+            for combo in itertools.product(args.batch_size, args.compile, args.packing, args.num_workers)]
     rows = []
     for name in args.presets:
-        rec = run_one(name, args, data, os.path.join(tmp, name))
-        rows.append((name, rec))
-    print(f"\n{hardware}, {args.dtype}, seq {args.seq_len}, batch {args.batch_size}, packing {args.packing}, "
-          f"compile {args.compile}, length mix {args.length_mix}")
-    print(f"{'preset':<10} {'tokens/s':>12} {'non-pad tok/s':>14} {'MFU':>7} {'peak GiB':>9} {'data wait':>10}")
-    for name, r in rows:
+        for i, run in enumerate(runs):
+            t_start = time.time()
+            record, measured = run_one(name, run, args, data, os.path.join(tmp, f"{name}_{i}"))
+            rows.append(dict(preset=name, **run, length_mix=args.length_mix, seq_len=args.seq_len, dtype=args.dtype,
+                             steps=args.steps, measure=args.measure, device=hardware, torch=torch.__version__,
+                             run_window=[t_start, time.time()], measure_window=measured,
+                             **{k: record[k] for k in ("tokens_per_s", "nonpad_tokens_per_s", "data_wait", "loss",
+                                                       "mfu", "peak_mem_gib") if k in record}))
+            if args.json:  # after every run, so a run cut short by a time limit keeps the ones before it
+                atomic_write_text(json.dumps(rows, indent=1) + "\n", args.json)
+    print(f"\n{hardware}, {args.dtype}, seq {args.seq_len}, length mix {args.length_mix}")
+    print(f"{'preset':<12} {'batch':>5} {'compile':>7} {'packing':>7} {'workers':>7} {'tokens/s':>12} {'non-pad tok/s':>14} "
+          f"{'MFU':>7} {'peak GiB':>9} {'data wait':>10}")
+    for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "n/a"
-        print(f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['nonpad_tokens_per_s']:>14,.0f} {mfu:>7} {mem:>9} {100 * r['data_wait']:>9.1f}%")
+        print(f"{r['preset']:<12} {r['batch_size']:>5} {r['compile']:>7} {r['packing']:>7} {r['num_workers']:>7} "
+              f"{r['tokens_per_s']:>12,.0f} {r['nonpad_tokens_per_s']:>14,.0f} {mfu:>7} {mem:>9} {100 * r['data_wait']:>9.1f}%")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -14,6 +15,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TOKENIZER = os.path.join(ROOT, "model")
+
+# Tests of what must also hold on a GPU take a `device` argument: the "cpu" case runs everywhere, the "cuda"
+# case carries the `cuda` marker, is skipped (with the reason) on a machine without a GPU, and is what
+# `pytest -m cuda` selects (scripts/gpu_check.sh runs them on a GPU machine).
+ON_CPU_AND_CUDA = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (scripts/gpu_check.sh runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: this machine has none (scripts/gpu_check.sh runs the cuda tests on one)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 def free_port():

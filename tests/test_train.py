@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ON_CPU_AND_CUDA, ROOT
 
 TINY_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu",
               "--num_workers", "0", "--log_interval", "1"]
@@ -317,11 +317,15 @@ def test_mismatched_weight_file_is_one_clear_error(tmp_path):
         trainer_utils.load_weights(path, args=Args)
 
 
+@ON_CPU_AND_CUDA
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
-def test_packed_batch_gives_the_padded_loss(data, tok, kind):
-    """--packing changes the layout (fewer rows, no cross-sample attention), not the loss."""
+def test_packed_batch_gives_the_padded_loss(data, tok, kind, device):
+    """--packing changes the layout (fewer rows, no cross-sample attention), not the loss: in float32, and
+    under bf16 autocast as training runs on CUDA (there the padded batch takes SDPA's flash kernel, the packed
+    one the masked memory-efficient kernel)."""
     import train_pretrain
     from dataset.lm_dataset import PretrainDataset, SFTDataset, make_collate, make_pack_collate
+    from trainer_utils import to_device
     ds = PretrainDataset(data["pretrain"], tok, max_length=48) if kind == "pretrain" else SFTDataset(data["sft"], tok, max_length=64)
     samples = [ds[i] for i in range(8)]
     if kind == "pretrain":  # a realistic mix: most samples far shorter than max_seq_len
@@ -330,10 +334,15 @@ def test_packed_batch_gives_the_padded_loss(data, tok, kind):
     packed = make_pack_collate(64 if kind == "sft" else 48)(samples)
     assert packed[0].shape[0] < padded[0].shape[0]
     assert int((packed[1] != -100).sum()) == int((padded[1][:, 1:] != -100).sum())
-    model = tiny_model(initializer_range=0.2).eval()
+    model = tiny_model(initializer_range=0.2).eval().to(device)
+    padded, packed = to_device(padded, device), to_device(packed, device)
     a, _ = train_pretrain.loss_fn(model, padded)
     b, _ = train_pretrain.loss_fn(model, packed)
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, b, atol=1e-5 if device == "cpu" else 1e-4)  # CUDA kernels sum in another order
+    with torch.autocast(device, dtype=torch.bfloat16):
+        a16, _ = train_pretrain.loss_fn(model, padded)
+        b16, _ = train_pretrain.loss_fn(model, packed)
+    assert abs(a16 - b16) <= 1e-2 * a and abs(a16 - a) <= 2e-2 * a  # bf16 keeps 8 bits of mantissa
 
 
 def test_packing_flag_trains(data, tmp_path):
@@ -355,16 +364,81 @@ def test_wandb_offline_without_key_and_resume_keeps_the_run(data, tmp_path, monk
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]  # one wandb run id, offline
 
 
-def test_speedups_do_not_change_the_math(data, tmp_path):
-    """torch.compile (inductor, here on the CPU) and packing give the eager, padded run's losses."""
-    common = [*TINY_FLAGS, "--max_seq_len", "48", "--batch_size", "8", "--accumulation_steps", "1",
-              "--data_path", data["pretrain"], "--max_steps", "6", "--learning_rate", "1e-3"]
+@ON_CPU_AND_CUDA
+def test_speedups_do_not_change_the_math(data, tmp_path, device):
+    """torch.compile (inductor) and packing give the eager, padded run's losses: on the CPU in float32, on CUDA
+    in bf16 (its default there), where compile and packing are also checked alone (compile alone is the flash
+    path a user gets from --compile 1; on the CPU the compile time of one more run is not worth it)."""
+    common = [*TINY_FLAGS, "--device", device, "--max_seq_len", "48", "--batch_size", "8", "--accumulation_steps", "1",
+              "--data_path", data["pretrain"], "--max_steps", "6", "--learning_rate", "1e-3"]  # the later --device wins
     run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "eager"))
-    run("train_pretrain.py", *common, "--out_dir", str(tmp_path / "fast"), "--compile", "1", "--packing", "1")
-    eager, fast = read_log(tmp_path / "eager", "pretrain_64.jsonl"), read_log(tmp_path / "fast", "pretrain_64.jsonl")
-    assert len(eager) == len(fast) == 6
-    for a, b in zip(eager, fast):
+    eager = read_log(tmp_path / "eager", "pretrain_64.jsonl")
+    assert len(eager) == 6
+    variants = {"compile_packing": ["--compile", "1", "--packing", "1"]}
+    if device == "cuda":
+        variants.update(compile=["--compile", "1"], packing=["--packing", "1"])
+    for name, flags in variants.items():
+        run("train_pretrain.py", *common, "--out_dir", str(tmp_path / name), *flags)
+        fast = read_log(tmp_path / name, "pretrain_64.jsonl")
+        assert len(fast) == 6, name
+        for a, b in zip(eager, fast):
+            assert abs(a["loss"] - b["loss"]) < 0.01 * a["loss"], (name, a, b)
+
+
+@pytest.mark.cuda
+def test_bf16_training_tracks_float32_on_cuda(data, tmp_path):
+    """--dtype bfloat16 (autocast, the CUDA default) trains like --dtype float32: the same losses step by step, up
+    to bf16's rounding."""
+    common = [*TINY_FLAGS, "--device", "cuda", "--max_seq_len", "48", "--batch_size", "8", "--accumulation_steps", "1",
+              "--data_path", data["pretrain"], "--max_steps", "6", "--learning_rate", "1e-3"]
+    logs = {}
+    for dtype in ("float32", "bfloat16"):
+        proc = run("train_pretrain.py", *common, "--dtype", dtype, "--out_dir", str(tmp_path / dtype))
+        assert f"dtype torch.{dtype}" in proc.stdout
+        logs[dtype] = read_log(tmp_path / dtype, "pretrain_64.jsonl")
+    assert len(logs["float32"]) == len(logs["bfloat16"]) == 6
+    for a, b in zip(logs["float32"], logs["bfloat16"]):
         assert abs(a["loss"] - b["loss"]) < 0.01 * a["loss"], (a, b)
+
+
+@pytest.mark.cuda
+def test_float16_run_uses_the_gradscaler_and_skips_an_overflowing_step(data, tmp_path, monkeypatch):
+    """train_pretrain.py --dtype float16 on CUDA: a step whose gradients overflow (the loss itself finite, so the
+    loop's own non-finite check lets it through) is skipped by the GradScaler, which halves its scale; the run
+    goes on and saves finite weights. Compared with the same run without the overflow (whose scaler skips
+    whatever it skips by itself), through the counts in the resume file."""
+    import train_pretrain
+    real_loss_fn = train_pretrain.loss_fn
+
+    def train_float16(out, overflow_at_call):
+        losses = []
+
+        def loss_fn(model, batch):
+            loss, metrics = real_loss_fn(model, batch)
+            losses.append(loss.item())
+            if len(losses) == overflow_at_call:
+                loss.register_hook(lambda g: g * float("inf"))
+            return loss, metrics
+        monkeypatch.setattr(train_pretrain, "loss_fn", loss_fn)
+        monkeypatch.setattr(sys, "argv", ["train_pretrain.py", *TINY_FLAGS, "--device", "cuda", "--dtype", "float16",
+                                          "--max_seq_len", "48", "--batch_size", "8", "--accumulation_steps", "1",
+                                          "--data_path", data["pretrain"], "--max_steps", "4", "--save_interval", "100",
+                                          "--learning_rate", "1e-3", "--out_dir", str(out)])
+        train_pretrain.main()
+        assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+        assert [r["step"] for r in read_log(out, "pretrain_64.jsonl")] == [1, 2, 3, 4]
+        weights = torch.load(out / "pretrain_64.pth", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in weights.values())
+        ck = torch.load(out / "pretrain_64_resume.pth", weights_only=True)
+        adam_steps = {s["step"].item() for s in ck["optimizer"]["state"].values()}
+        assert len(adam_steps) == 1 and ck["state"]["step"] == 4
+        return ck["state"]["optimizer_steps"], adam_steps.pop(), ck["scaler"]
+
+    taken, adam_steps, scaler = train_float16(tmp_path / "clean", overflow_at_call=None)
+    assert scaler["scale"] > 0 and taken == adam_steps >= 3  # a GradScaler (an unused one saves {}), steps taken
+    taken_overflow, adam_steps_overflow, scaler_overflow = train_float16(tmp_path / "overflow", overflow_at_call=2)
+    assert taken_overflow == taken - 1 and adam_steps_overflow == adam_steps - 1
+    assert scaler_overflow["scale"] == scaler["scale"] / 2
 
 
 def test_resume_with_other_settings_is_one_clear_error(data, tmp_path):
