@@ -11,7 +11,8 @@
 #   bash scripts/gpu_check.sh                     # OUT defaults to out/gpu_check
 #   STEPS="tests bench" bash scripts/gpu_check.sh # only some steps (tests bench anchor demo), e.g. to split the run
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # on a CPU: each step at toy size, to check the script itself
-# Each step has its own time limit, so one that hangs costs only its share; steps.txt says how each ended.
+# Each step has its own time limit (600 s in all, one device call), so one that hangs costs only its share;
+# steps.txt says how each ended. gpu_report.py can be rerun anywhere on a copy of $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
@@ -44,16 +45,16 @@ if [ "$DRY" = 1 ]; then
   step bench_26m 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --batch_size 4 8 --steps 3 --measure 1 --json "$OUT/bench_26m.json"
   step bench_packing 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --steps 3 --measure 1 --json "$OUT/bench_packing.json"
 else
-  step tests 120 python3 -m pytest -q -p no:cacheprovider -m cuda tests
+  step tests 110 python3 -m pytest -q -p no:cacheprovider -m cuda tests
   step bench_26m 100 python3 scripts/bench_train.py --presets 26M --batch_size 32 128 --compile 0 1 --steps 40 --measure 20 --json "$OUT/bench_26m.json"
   step bench_large 60 python3 scripts/bench_train.py --presets 104M 145M-MoE --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_large.json"
   step bench_packing 45 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_packing.json"
   if [ -f "$ANCHOR/run.sh" ]; then
-    T=${ANCHOR_T:-55} step anchor 130 bash "$ANCHOR/run.sh"
+    T=${ANCHOR_T:-55} step anchor 120 bash "$ANCHOR/run.sh"
   elif want anchor; then
     echo "anchor skipped: no $ANCHOR/run.sh" | tee -a "$OUT/steps.txt"
   fi
-  step demo 200 python3 scripts/demo.py --out_dir "$OUT/demo" --device cuda
+  step demo 165 python3 scripts/demo.py --out_dir "$OUT/demo" --device cuda
   [ -f "$OUT/demo/report.md" ] && cp "$OUT/demo/report.md" "$OUT/demo_report.md"
 fi
 python3 scripts/gpu_report.py "$OUT" > "$OUT/gpu.md" && cat "$OUT/gpu.md"
