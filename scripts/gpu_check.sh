@@ -16,7 +16,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
-ANCHOR=${ANCHOR:-../shared/anchor}
+ANCHOR=${ANCHOR:-$( [ -d shared/anchor ] && echo shared/anchor || echo ../shared/anchor )}  # beside the repo, or in it
 DRY=${GPU_CHECK_DRY:-0}
 STEPS=${STEPS:-tests bench anchor demo}
 mkdir -p "$OUT"
