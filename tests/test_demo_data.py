@@ -210,7 +210,6 @@ def test_tool_conversations_use_the_real_tools_and_eval_phrasings_are_unseen(sma
     assert with_calls > 0.7 * len(train + evals)
     # eval offers all three tools, and asks its tool questions in phrasings no training line uses
     assert all(json.loads(c[0]["tools"]) == [t.schema for t in TOOLS.values()] for c in evals)
-    templates = lambda table: {q.split("{")[0][:4] for qs in table.values() for q in qs}  # noqa: E731
     question = lambda c: next(m["content"] for m in c if m["role"] == "user")  # noqa: E731
     train_qs = {question(c) for c in train}
     assert not train_qs & {question(c) for c in evals}
