@@ -597,10 +597,9 @@ def new_run_state(args, ctx, total_steps, n_samples, **shape):
     return {"epoch": 0, "step": 0, "optimizer_steps": 0, "resumed": False, "run_shape": run_shape}
 
 
-def make_optimizer(params, args, ctx, lr=None):
+def make_optimizer(params, args, ctx):
     """AdamW; fused on CUDA (one kernel for all parameters instead of several per parameter)."""
-    return torch.optim.AdamW(params, lr=lr or args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95),
-                             fused=ctx.cuda)
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=ctx.cuda)
 
 
 def set_lr(optimizer, lr):

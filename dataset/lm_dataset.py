@@ -209,6 +209,11 @@ def chat_messages(msgs, field, tools=None, rl_prompt=False):
     return out, tools
 
 
+def line_tools(obj):
+    """The line's own "tools" field (beside the conversation), parsed; None when it has none."""
+    return parse_tools(obj["tools"], '"tools"') if obj.get("tools") not in (None, "", []) else None
+
+
 def check_sft(obj):
     if "conversations" not in obj:
         return wrong_stage(obj, SFT, "conversations")
@@ -219,7 +224,7 @@ def check_sft(obj):
                     "Use it with train_grpo.py or train_ppo.py.")
         return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by chat training',
                 EXTRA_HINT)
-    tools = parse_tools(obj["tools"], '"tools"') if obj.get("tools") not in (None, "", []) else None
+    tools = line_tools(obj)
     chat_messages(obj["conversations"], "conversations", tools)
     return None
 
@@ -694,8 +699,7 @@ class SFTDataset(RecordDataset):
 
     def __getitem__(self, i):
         rec = self.record(i)
-        line_tools = parse_tools(rec["tools"], '"tools"') if rec.get("tools") not in (None, "", []) else None
-        messages, tools = chat_messages(rec["conversations"], "conversations", line_tools)
+        messages, tools = chat_messages(rec["conversations"], "conversations", line_tools(rec))
         return self.encode(messages, tools, i)
 
 
@@ -838,7 +842,7 @@ def check_rl(obj):
     msgs = obj["conversations"]
     if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) and not any(m.get("role") == "assistant" for m in msgs):
         return '"conversations" has no assistant message, so there is no reply to sample', f"{END_WITH_PLACEHOLDER} {SKIP_HINT}"
-    tools = parse_tools(obj["tools"], '"tools"') if obj.get("tools") not in (None, "", []) else None
+    tools = line_tools(obj)
     msgs, _ = chat_messages(msgs, "conversations", tools, rl_prompt=True)
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     if msgs[last - 1]["role"] != "user":
@@ -871,8 +875,7 @@ class RLPromptDataset(RecordDataset):
 
     def __getitem__(self, i):
         rec = self.record(i)
-        line_tools = parse_tools(rec["tools"], '"tools"') if rec.get("tools") not in (None, "", []) else None
-        msgs, tools = chat_messages(rec["conversations"], "conversations", line_tools, rl_prompt=True)
+        msgs, tools = chat_messages(rec["conversations"], "conversations", line_tools(rec), rl_prompt=True)
         messages = msgs[:max(j for j, m in enumerate(msgs) if m["role"] == "assistant")]
         kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         text = render_chat(self.tokenizer, messages, tools, add_generation_prompt=True, **kwargs)
