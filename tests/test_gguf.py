@@ -189,6 +189,9 @@ def test_llama_cpp_tokenizes_and_generates_like_transformers(files, tmp_path, ar
         assert got["greedy"] == want, prompt["text"]
         text = tok.decode(want, skip_special_tokens=True)
         assert got["text"] == text
-        # llama.cpp's chat completion (the GGUF's own template) drops the bytes of an unfinished UTF-8
-        # character where decode() writes U+FFFD (a random model emits such pieces)
-        assert got["chat_text"] == text.replace("\ufffd", "")
+        # llama-cpp-python's chat completion (the GGUF's own template) never returns part of a UTF-8 character,
+        # where decode() writes U+FFFD: it drops such bytes, or, when max_tokens cuts a character, generates on
+        # past the limit until it is whole (its multibyte_fix); so at most the last character differs
+        whole = text.replace("\ufffd", "")
+        assert got["chat_text"] == whole or (text.endswith("\ufffd") and len(got["chat_text"]) == len(whole) + 1
+                                             and got["chat_text"].startswith(whole)), (got["chat_text"], text)

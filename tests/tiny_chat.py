@@ -32,6 +32,9 @@ CONVERSATIONS = [
     {"conversations": [{"role": "user", "content": THINK}, {"role": "assistant", "reasoning_content": THINK_REASONING,
                                                               "content": f"<answer>\n{THINK_ANSWER}\n</answer>"}]},
     {"conversations": [{"role": "user", "content": SCRIPT}, {"role": "assistant", "content": SCRIPT_REPLY}]},
+    # the two-turn chat the history tests hold: the second reply is learned in that context too, not left to luck
+    {"conversations": [{"role": "user", "content": HELLO}, {"role": "assistant", "content": HELLO_REPLY},
+                       {"role": "user", "content": SCRIPT}, {"role": "assistant", "content": SCRIPT_REPLY}]},
     {"tools": CALCULATOR, "conversations": [{"role": "user", "content": MATH}, CALL_MESSAGE,
                                             {"role": "tool", "content": MATH_RESULT},
                                             {"role": "assistant", "content": MATH_ANSWER}]},
