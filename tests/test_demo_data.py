@@ -11,8 +11,9 @@ sys.path.insert(0, ROOT)
 
 from dataset import build_demo_data as B  # noqa: E402
 from dataset.lm_dataset import check_dpo, check_pretrain, check_rl_with_gt, check_sft  # noqa: E402
+from trainer.tools import TOOLS, run_tool_call  # noqa: E402
 
-SMALL = dict(pretrain_eval=20, sft=300, sft_eval=40, sft_tools=60, tool_eval=30, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
+SMALL = dict(pretrain_eval=20, pretrain_tools=60, pretrain_records=30, pretrain_arith=30, sft=300, sft_eval=40, sft_tools=60, tool_eval=30, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
              lora_identity=100, lora_identity_eval=20, lora_medical=50, rlaif=100, rlaif_eval=20)
 TRAIN_EVAL = [("pretrain_hq.jsonl", "pretrain_eval.jsonl"), ("sft_mini_512.jsonl", "sft_eval.jsonl"),
               ("dpo.jsonl", "dpo_eval.jsonl"), ("r1_mix_1024.jsonl", "r1_eval.jsonl"),
@@ -79,6 +80,22 @@ def test_eval_splits_never_overlap_training(small):
         assert not prompts(read(small, ev)) & train_prompts, ev
 
 
+def test_pretraining_mix_has_tool_transcripts_and_records_but_no_held_out_question(small):
+    texts = [r["text"] for r in read(small, "pretrain_hq.jsonl")]
+    transcripts = [t for t in texts if t.startswith("<|im_start|>user\n")]
+    assert len(transcripts) == 60 and sum("<tool_call>" in t for t in transcripts) > 40  # some need no tool
+    assert all("<tools>" not in t and t.endswith("<|im_end|>\n") for t in transcripts)  # no schemas: SFT teaches those
+    for t in transcripts:  # every tool result in a transcript is what the real tool returns for that call
+        for call, result in re.findall(r"<tool_call>\n(.+?)\n</tool_call>.*?<tool_response>\n(.+?)\n</tool_response>", t, re.S):
+            assert run_tool_call(json.loads(call), TOOLS) == result
+    records = [t for t in texts if t not in transcripts and re.search(r"的(编号|密码|电话|房间号|订单号|分数|日期|结果)是多少？|What is \w+'s", t)]
+    assert len(records) == 30
+    held_out = [m["content"] for n in ("tool_eval.jsonl", "r1_eval.jsonl", "rlaif_eval.jsonl")
+                for r in read(small, n) for m in r["conversations"] if m["role"] == "user"]
+    joined = "\n".join(texts)
+    assert held_out and not any(q in joined for q in held_out)
+
+
 def test_identity_data(small):
     sft = read(small, "sft_mini_512.jsonl")
     text = json.dumps(sft, ensure_ascii=False)
@@ -140,7 +157,7 @@ def test_reasoning_template_and_answers(small):
             assert int(eqs[-1][3]) == answer
             numbers = {int(x) for x in re.findall(r"\d+", r["conversations"][0]["content"])}
             assert bool(numbers & B.R1_EVAL_NUMBERS) == want_reserved  # eval uses numbers never seen in training
-    assert 0.05 < thinking_off / len(read(small, "r1_mix_1024.jsonl")) < 0.3
+    assert abs(thinking_off / len(read(small, "r1_mix_1024.jsonl")) - B.THINKING_OFF_SHARE) < 0.1
 
 
 def test_rlaif_prompts_carry_the_answer_and_hold_out_numbers(small):

@@ -75,7 +75,8 @@ def demo(tmp_path_factory):
     """A small build of the bundled demo data (the builder's own tests check the full build)."""
     d = tmp_path_factory.mktemp("demo")
     subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "build_demo_data.py"), "--out_dir", str(d),
-                    "--pretrain_zh_chars", "30000", "--pretrain_en_chars", "10000", "--sft", "200", "--dpo", "100",
+                    "--pretrain_zh_chars", "30000", "--pretrain_en_chars", "10000", "--pretrain_tools", "100", "--pretrain_records", "50",
+                    "--pretrain_arith", "50", "--sft", "200", "--dpo", "100",
                     "--r1", "100", "--lora_identity", "100", "--lora_medical", "50"], check=True, capture_output=True)
     return str(d)
 
