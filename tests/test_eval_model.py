@@ -89,7 +89,11 @@ def tty_session(args):
         time.sleep(1)  # let it block in input(): a signal just before the read would wait for the next key
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         read_until(b"\n", seen.count(b"\n") + 1, wait=30)  # keep draining: unread tty output delays the exit
-        return proc.wait(timeout=30), seen.decode(errors="replace")
+        try:
+            return proc.wait(timeout=30), seen.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            read_until(b"\n", seen.count(b"\n") + 1, wait=5)
+            raise AssertionError(f"no exit 30 s after Ctrl-C; the terminal showed: {seen.decode(errors='replace')!r}")
     finally:
         if proc.poll() is None:
             proc.kill()
