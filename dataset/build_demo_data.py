@@ -46,6 +46,7 @@ FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
     "lora_medical": ["lora_medical.jsonl"],
     "rlaif": ["rlaif.jsonl", "rlaif_eval.jsonl"],
 }
+PRETRAIN_ZH_CHARS = 230_000  # People's Daily characters in pretraining: the mix takes most of the tokens
 EVAL_PERMILLE = 100  # share of chat prompts reserved for eval files (10%)
 
 
@@ -524,11 +525,7 @@ def build_sft(rng, n, n_eval, n_tools=0, n_tool_eval=0):
     held-out chat split, and the held-out tool split (phrasings never used in training)."""
     train, evals = split_by_prompt(lambda r: {"conversations": sft_conversation(r)}, rng, n, n_eval,
                                    lambda rec: prompt_key(rec["conversations"]))
-    tools = []
-    while len(tools) < n_tools:
-        conv = tool_conversation(rng)
-        if not reserved_for_eval(prompt_key(conv)):
-            tools.append({"conversations": conv})
+    tools = [{"conversations": training_tool_conversation(rng)} for _ in range(n_tools)]
     for rec in tools:  # spread them through the file at seeded positions
         train.insert(rng.randint(0, len(train)), rec)
     return train, evals, build_tool_eval(rng, n_tool_eval)
@@ -699,6 +696,14 @@ def tool_conversation(rng, held_out=False):
     return conv
 
 
+def training_tool_conversation(rng):
+    """A tool-use conversation for a training file: drawn until its prompt is not one reserved for eval."""
+    while True:
+        conv = tool_conversation(rng)
+        if not reserved_for_eval(prompt_key(conv)):
+            return conv
+
+
 def build_tool_eval(rng, n_eval):
     return [{"conversations": tool_conversation(rng, held_out=True)} for _ in range(n_eval)]
 
@@ -763,12 +768,8 @@ def arithmetic_doc(rng):
 def tool_transcript(rng, tokenizer):
     """A training tool-use conversation (never a reserved prompt) rendered by the chat template, without the
     system turn's tool schemas (SFT teaches reading those)."""
-    while True:
-        conv = tool_conversation(rng)
-        if not reserved_for_eval(prompt_key(conv)):
-            break
     from dataset.lm_dataset import chat_messages, render_chat
-    messages, _ = chat_messages(conv, "conversations")
+    messages, _ = chat_messages(training_tool_conversation(rng), "conversations")
     return render_chat(tokenizer, [m for m in messages if m["role"] != "system"])
 
 
@@ -944,7 +945,7 @@ def write_manifest(out_dir, args_line):
         f.write(text)
 
 
-def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=230_000, pretrain_en_chars=0, verbose=True, **sizes):
+def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_ZH_CHARS, pretrain_en_chars=0, verbose=True, **sizes):
     """Write the requested stages' files (all by default) into out_dir; returns {file name: line count}."""
     sz = {**SIZES, **{k: v for k, v in sizes.items() if v is not None}}
     stages = list(FILES) if not stages else stages
@@ -978,7 +979,7 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=230_000, 
         if ev is not None:
             emit(FILES[stage][1], ev)
     flags = " ".join([f"--seed {seed}"] + [f"--{k} {sz[k]}" for k in sorted(sz) if sz[k] != SIZES[k]]
-                     + ([f"--pretrain_zh_chars {pretrain_zh_chars}"] if pretrain_zh_chars != 230_000 else [])
+                     + ([f"--pretrain_zh_chars {pretrain_zh_chars}"] if pretrain_zh_chars != PRETRAIN_ZH_CHARS else [])
                      + ([f"--pretrain_en_chars {pretrain_en_chars}"] if pretrain_en_chars else [])
                      + ([f"--only {' '.join(stages)}"] if stages != list(FILES) else []))
     write_manifest(out_dir, f"python dataset/build_demo_data.py {flags}")
@@ -1005,7 +1006,7 @@ def main(argv=None):
     p.add_argument("--seed", type=seed_int, default=42)
     p.add_argument("--only", nargs="+", choices=list(FILES), help="build only these stages")
     p.add_argument("--if_missing", action="store_true", help="do nothing when every file already exists")
-    p.add_argument("--pretrain_zh_chars", type=nonneg_int, default=230_000,
+    p.add_argument("--pretrain_zh_chars", type=nonneg_int, default=PRETRAIN_ZH_CHARS,
                    help="Chinese characters of People's Daily to use (0 = all, ~1.8M)")
     p.add_argument("--pretrain_en_chars", type=nonneg_int, default=0, help="English characters to use (0 = all, ~0.2M)")
     for k, v in SIZES.items():
