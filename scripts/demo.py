@@ -176,6 +176,8 @@ def main():
     r = {}
     r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
     r["pre_after"] = ev.pretrain_metrics(pre, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
+    r["copy"] = {name: ev.copy_accuracy(m, tok, f"{DATA}/pretrain_eval.jsonl", device)
+                 for name, m in (("untrained", untrained), ("pretrain", pre), ("sft", sft))}
     r["sft_before"] = ev.chat_metrics(pre, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
     r["sft_after"] = ev.chat_metrics(sft, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
     r["tool_before"] = ev.tool_metrics(pre, tok, f"{DATA}/tool_eval.jsonl", device)
@@ -218,6 +220,8 @@ def main():
              "| stage | metric | before | after |", "| --- | --- | --- | --- |",
              f"| pretrain | held-out loss (perplexity), vs untrained | {r['pre_before']['loss']:.3f} ({r['pre_before']['ppl']:.0f}) | "
              f"{r['pre_after']['loss']:.3f} ({r['pre_after']['ppl']:.1f}) |",
+             f"| pretrain | in-context copying: 20 held-out tokens, then the same 20 (next-token accuracy on the repeat; "
+             f"full SFT model: {pct(r['copy']['sft'])}), vs untrained | {pct(r['copy']['untrained'])} | {pct(r['copy']['pretrain'])} |",
              f"| full SFT | replies closed by `<\\|im_end\\|>` ({r['sft_after']['n']} prompts), vs pretrain | {pct(r['sft_before']['in_format'])} | {pct(r['sft_after']['in_format'])} |",
              f"| full SFT | identity questions answered as MiniMind ({r['sft_after']['n_identity']}) | {pct(r['sft_before']['identity_named'])} | {pct(r['sft_after']['identity_named'])} |",
              f"| tool use | well-formed call naming the right tool ({r['tool_after']['n_tool']} held-out tool questions, all three tools offered) | {pct(r['tool_before']['right_tool'])} | {pct(r['tool_after']['right_tool'])} |",
