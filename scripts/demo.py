@@ -176,8 +176,8 @@ def main():
     r = {}
     r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
     r["pre_after"] = ev.pretrain_metrics(pre, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
-    r["copy"] = {name: ev.copy_accuracy(m, tok, f"{DATA}/pretrain_eval.jsonl", device)
-                 for name, m in (("untrained", untrained), ("pretrain", pre), ("sft", sft))}
+    probe = ev.copy_probe(tok, f"{DATA}/pretrain_eval.jsonl")  # one probe for the three models
+    r["copy"] = {name: ev.copy_accuracy(m, probe, device) for name, m in (("untrained", untrained), ("pretrain", pre), ("sft", sft))}
     r["sft_before"] = ev.chat_metrics(pre, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
     r["sft_after"] = ev.chat_metrics(sft, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
     r["tool_before"] = ev.tool_metrics(pre, tok, f"{DATA}/tool_eval.jsonl", device)

@@ -43,16 +43,23 @@ def pretrain_metrics(model, tokenizer, eval_path, max_len, device):
     return {"loss": loss, "ppl": math.exp(min(loss, 50))}
 
 
-@torch.no_grad()
-def copy_accuracy(model, tokenizer, eval_path, device, n=64, length=20, seed=0):
-    """In-context copying (what an induction head does): `length` distinct tokens drawn from the held-out prose,
-    then the same tokens again; the share of the repeat's tokens (after its first) predicted right. A model that
-    cannot do this cannot put a tool's result into its answer or a problem's numbers into its working."""
-    model.eval()
-    pool = sorted({t for row in read_jsonl(eval_path) for t in tokenizer.encode(row["text"])} - set(tokenizer.all_special_ids))
+def copy_probe(tokenizer, eval_path, n=64, length=20, seed=0):
+    """In-context copying (what an induction head does): n rows of `length` distinct tokens drawn from the
+    held-out prose, then the same tokens again. A model that cannot continue the repeat cannot put a tool's
+    result into its answer or a problem's numbers into its working."""
+    pool = torch.tensor(sorted({t for row in read_jsonl(eval_path) for t in tokenizer.encode(row["text"])}
+                               - set(tokenizer.all_special_ids)))
     g = torch.Generator().manual_seed(seed)
-    x = torch.stack([torch.tensor(pool)[torch.randperm(len(pool), generator=g)[:length]] for _ in range(n)])
-    seq = torch.cat([x, x], 1).to(device)
+    x = torch.stack([pool[torch.randperm(len(pool), generator=g)[:length]] for _ in range(n)])
+    return torch.cat([x, x], 1)
+
+
+@torch.no_grad()
+def copy_accuracy(model, probe, device):
+    """The share of the repeat's tokens (after its first) that the model predicts right on a copy_probe()."""
+    model.eval()
+    length = probe.size(1) // 2
+    seq = probe.to(device)
     pred = model(seq).logits.argmax(-1)
     return (pred[:, length:-1] == seq[:, length + 1:]).float().mean().item()
 
