@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model import model_minimind
 from model.model_minimind import (MiniMindConfig, MiniMindForCausalLM, config_from_minimind3_state_dict, count_parameters,
                                   is_minimind3_state_dict, minimind3_options)
 from trainer.cli import (ArgumentParser, UserError, add_bool, brief, device_name, float_in, int_in, is_first_rank,  # noqa: F401
@@ -120,6 +121,8 @@ def model_config_from_args(args) -> MiniMindConfig:
 class Context:
     """Where this process runs: rank, world size, device, autocast."""
     def __init__(self, args):
+        if model_minimind.PACKED_ATTENTION not in ("flex", "sdpa"):
+            raise UserError(f"MINIMIND_PACKED_ATTENTION={model_minimind.PACKED_ATTENTION}: use flex (the default) or sdpa")
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         if self.ddp:
             self.rank, self.local_rank, self.world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

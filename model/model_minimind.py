@@ -10,10 +10,12 @@ architecture is a set of config options (`minimind3_options`: QK-norm as self_at
 FFN, 4 KV heads, top-1 MoE without shared expert); a dense model with them is transformers' Qwen3.
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -313,7 +315,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, attn_mask=None, past_key_value=None):
-        """attn_mask: None (plain causal) or a bool [B, 1, Tq, Tk] mask, True where attention is allowed.
+        """attn_mask: None (plain causal), a bool [B, 1, Tq, Tk] mask, True where attention is allowed, or a
+        FlexAttention BlockMask (packed training on CUDA).
         past_key_value: None, a (k, v) tuple, or a transformers Cache. Returns (out, (k, v))."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -329,7 +332,9 @@ class Attention(nn.Module):
             k, v = torch.cat([past_key_value[0], k], dim=2), torch.cat([past_key_value[1], v], dim=2)
         present = (k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if isinstance(attn_mask, BlockMask):
+            out = packed_flex_attention(q, k, v, attn_mask)
+        elif attn_mask is None:
             # Causal with no padding: SDPA picks the flash kernel on CUDA; enable_gqa shares K/V heads
             # without materialising the repeats.
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=True)
@@ -439,6 +444,33 @@ class MiniMindBlock(nn.Module):
         return h, present
 
 
+# Packed training on CUDA masks documents with FlexAttention's block mask: a fused kernel that skips the blocks
+# between documents, where the dense bool mask below sends SDPA to its masked kernel with K/V repeated per head.
+# MINIMIND_PACKED_ATTENTION=sdpa keeps the dense mask everywhere (if this torch cannot compile flex_attention);
+# scripts/bench_train.py --packed_attention compares the two.
+PACKED_ATTENTION = os.environ.get("MINIMIND_PACKED_ATTENTION", "flex")  # trainer_utils.Context checks the value
+_compiled_flex = None
+
+
+def packed_flex_attention(q, k, v, block_mask):
+    if torch.compiler.is_compiling():  # inside --compile's graph, inductor builds the fused kernel with the rest
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    global _compiled_flex
+    if _compiled_flex is None:  # uncompiled, flex_attention runs a slow reference implementation
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def document_block_mask(position_ids):
+    """Causal attention within each packed document (position_ids restart at 0 at each document start)."""
+    doc = (position_ids == 0).cumsum(dim=-1)
+    B, T = doc.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc.device)
+
+
 def build_attention_mask(attention_mask, position_ids, q_len, past_len, packed):
     """The bool [B, 1, Tq, Tk] mask SDPA needs, or None when plain causal attention is exact.
 
@@ -490,7 +522,11 @@ class MiniMindModel(nn.Module):
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: keep the fast causal kernel
-        mask = build_attention_mask(attention_mask, position_ids, T, past_len, packed)
+        if (packed and attention_mask is None and past_len == 0 and input_ids.is_cuda and PACKED_ATTENTION == "flex"
+                and not (self.training and self.config.dropout > 0)):  # flex_attention has no dropout
+            mask = document_block_mask(position_ids)
+        else:
+            mask = build_attention_mask(attention_mask, position_ids, T, past_len, packed)
         cos, sin = rope_cos_sin(position_ids, self.config)
         h = self.dropout(self.embed_tokens(input_ids))
         presents = []

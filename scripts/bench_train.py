@@ -8,7 +8,8 @@
 It writes a synthetic pretrain jsonl, runs train_pretrain.py's own main() (the same code path a user
 runs, not a copy) for --steps optimizer steps, and reads the numbers that the training loop itself logs
 over the last --measure steps (the first steps include warm-up and compilation). --batch_size, --compile,
---packing and --num_workers take several values: every combination runs, one after another.
+--packing, --packed_attention and --num_workers take several values: every combination runs, one after another.
+A run that fails is recorded with its error (in the table and the JSON) and the next one runs.
 """
 import argparse
 import itertools
@@ -26,6 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import trainer_utils  # noqa: E402
+from model import model_minimind  # noqa: E402
 from model.model_minimind import PRESETS  # noqa: E402
 from trainer.cli import ArgumentParser, UserError, device_name, int_in, nonneg_int, positive_int, run_main  # noqa: E402
 from trainer.file_io import atomic_write_text  # noqa: E402
@@ -59,6 +61,7 @@ def run_one(preset_name, run, args, data_path, out_dir):
                 "--max_steps", str(args.steps), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
                 "--device", args.device, "--dtype", args.dtype, "--num_workers", str(run["num_workers"]),
                 "--learning_rate", "5e-4", "--packing", str(run["packing"]), "--compile", str(run["compile"])]
+    model_minimind.PACKED_ATTENTION = run["packed_attention"]
     if run["compile"]:
         torch._dynamo.reset()  # compile for this run's own shapes, not a dynamic-shape graph left by the previous run
     if args.device.startswith("cuda"):
@@ -92,6 +95,8 @@ def main():
     ap.add_argument("--num_workers", type=nonneg_int, nargs="+", default=[4 if cuda else 0])
     ap.add_argument("--packing", type=int, nargs="+", default=[0], choices=[0, 1])
     ap.add_argument("--compile", type=int, nargs="+", default=[0], choices=[0, 1])
+    ap.add_argument("--packed_attention", nargs="+", default=["flex"], choices=["flex", "sdpa"],
+                    help="with --packing 1 on CUDA: FlexAttention's block mask, or SDPA with a dense bool mask")
     ap.add_argument("--length_mix", choices=["full", "realistic"], default="full")
     ap.add_argument("--json", help="also write the results here: a JSON list, one object per run (scripts/gpu_report.py reads it)")
     args = ap.parse_args()
@@ -102,29 +107,38 @@ def main():
     synthetic_corpus(data, n_lines=max(args.batch_size) * args.steps * (4 if args.length_mix == "realistic" else 1) + 64,
                      seq_len=args.seq_len, length_mix=args.length_mix)
     hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    runs = [dict(zip(("batch_size", "compile", "packing", "num_workers"), combo))
-            for combo in itertools.product(args.batch_size, args.compile, args.packing, args.num_workers)]
+    runs = [dict(zip(("batch_size", "compile", "packing", "packed_attention", "num_workers"), combo))
+            for combo in itertools.product(args.batch_size, args.compile, args.packing, args.packed_attention, args.num_workers)]
+    runs = [r for r in runs if r["packing"] or r["packed_attention"] == args.packed_attention[0]]  # only packing reads it
     rows = []
     for name in args.presets:
         for i, run in enumerate(runs):
             t_start = time.time()
-            record, measured = run_one(name, run, args, data, os.path.join(tmp, f"{name}_{i}"))
-            rows.append(dict(preset=name, **run, length_mix=args.length_mix, seq_len=args.seq_len, dtype=args.dtype,
-                             steps=args.steps, measure=args.measure, device=hardware, torch=torch.__version__,
-                             run_window=[t_start, time.time()], measure_window=measured,
-                             **{k: record[k] for k in ("tokens_per_s", "nonpad_tokens_per_s", "data_wait", "loss",
-                                                       "mfu", "peak_mem_gib") if k in record}))
+            row = dict(preset=name, **run, length_mix=args.length_mix, seq_len=args.seq_len, dtype=args.dtype,
+                       steps=args.steps, measure=args.measure, device=hardware, torch=torch.__version__)
+            try:
+                record, measured = run_one(name, run, args, data, os.path.join(tmp, f"{name}_{i}"))
+            except Exception as e:  # noqa: BLE001 - one failing configuration must not cost the others' numbers
+                print(f"run {name} {run} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                rows.append(dict(row, run_window=[t_start, time.time()], error=f"{type(e).__name__}: {str(e)[:300]}"))
+            else:
+                rows.append(dict(row, run_window=[t_start, time.time()], measure_window=measured,
+                                 **{k: record[k] for k in ("tokens_per_s", "nonpad_tokens_per_s", "data_wait", "loss",
+                                                           "mfu", "peak_mem_gib") if k in record}))
             if args.json:  # after every run, so a run cut short by a time limit keeps the ones before it
                 atomic_write_text(json.dumps(rows, indent=1) + "\n", args.json)
     print(f"\n{hardware}, {args.dtype}, seq {args.seq_len}, length mix {args.length_mix}")
-    print(f"{'preset':<12} {'batch':>5} {'compile':>7} {'packing':>7} {'workers':>7} {'tokens/s':>12} {'non-pad tok/s':>14} "
+    print(f"{'preset':<12} {'batch':>5} {'compile':>7} {'packing':>8} {'workers':>7} {'tokens/s':>12} {'non-pad tok/s':>14} "
           f"{'MFU':>7} {'peak GiB':>9} {'data wait':>10}")
     for r in rows:
+        packing = f"1 {r['packed_attention']}" if r["packing"] else "0"
+        head = f"{r['preset']:<12} {r['batch_size']:>5} {r['compile']:>7} {packing:>8} {r['num_workers']:>7}"
+        if "error" in r:
+            print(f"{head}  failed: {r['error'][:80]}")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "n/a"
-        print(f"{r['preset']:<12} {r['batch_size']:>5} {r['compile']:>7} {r['packing']:>7} {r['num_workers']:>7} "
-              f"{r['tokens_per_s']:>12,.0f} {r['nonpad_tokens_per_s']:>14,.0f} {mfu:>7} {mem:>9} {100 * r['data_wait']:>9.1f}%")
-
+        print(f"{head} {r['tokens_per_s']:>12,.0f} {r['nonpad_tokens_per_s']:>14,.0f} {mfu:>7} {mem:>9} {100 * r['data_wait']:>9.1f}%")
 
 if __name__ == "__main__":
     run_main(main)

@@ -60,11 +60,16 @@ def report(folder):
         lines += ["| run | preset | seq | batch | compile | packing | length mix | tokens/s | non-pad tokens/s | MFU | peak GiB "
                   f"| data wait | vs {REFERENCE} |", "| " + " | ".join(["---"] * 13) + " |"]
         for r in rows:
+            packing = f"1 ({r.get('packed_attention', 'sdpa')})" if r["packing"] else "0"
+            head = (f"| ours | {r['preset']} | {r['seq_len']} | {r['batch_size']} | {r['compile']} | {packing} | "
+                    f"{r['length_mix']} |")
+            if "error" in r:
+                lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | |")
+                continue
             ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "n/a (no anchor run)"
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
             mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "n/a"
-            lines.append(f"| ours | {r['preset']} | {r['seq_len']} | {r['batch_size']} | {r['compile']} | {r['packing']} | "
-                         f"{r['length_mix']} | {fmt_rate(r['tokens_per_s'])} | {fmt_rate(r['nonpad_tokens_per_s'])} | {mfu} | "
+            lines.append(f"{head} {fmt_rate(r['tokens_per_s'])} | {fmt_rate(r['nonpad_tokens_per_s'])} | {mfu} | "
                          f"{mem} | {100 * r['data_wait']:.1f}% | {ratio} |")
         for label, rate in anchors.items():
             ratio = f"{rate / ref:.2f}x" if ref else "n/a"

@@ -223,6 +223,54 @@ def test_packed_documents_do_not_attend_across():
     assert torch.allclose(out[:, 7:], model(b).logits, atol=1e-5)
 
 
+def random_documents(batch, length, seed):
+    """position_ids of `batch` rows of `length` tokens, each cut into 1-4 documents at random places."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        cuts = sorted(set(torch.randint(1, length, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()))
+        rows.append(torch.cat([torch.arange(b - a) for a, b in zip([0, *cuts], [*cuts, length])]))
+    return torch.stack(rows)
+
+
+def test_flex_document_mask_equals_the_dense_mask():
+    """Packed training on CUDA attends through FlexAttention's block mask; it must allow exactly what the dense
+    mask allows (causal, within a document). Forward only and uncompiled: on the CPU flex_attention has no
+    backward, and inductor's CPU template fails to build for some dynamic shapes (CUDA builds a Triton kernel)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from model.model_minimind import build_attention_mask, document_block_mask
+    for batch, length, seed in [(3, 70, 0), (2, 130, 1)]:
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = torch.randn(batch, 4, length, 16, generator=g), *torch.randn(2, batch, 2, length, 16, generator=g)
+        pos = random_documents(batch, length, seed)
+        with torch.no_grad():
+            flex = flex_attention(q, k, v, block_mask=document_block_mask(pos), enable_gqa=True)
+        dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                               attn_mask=build_attention_mask(None, pos, length, 0, packed=True))
+        assert torch.allclose(flex, dense, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_flex_packed_training_equals_the_dense_mask_on_cuda(monkeypatch):
+    """The packed forward and backward a training step runs on CUDA (FlexAttention) give the dense-mask SDPA
+    path's loss and gradients, over batches of changing shape (packed batches vary in rows and length)."""
+    import model.model_minimind as mm
+    model = tiny().train().cuda()
+    for batch, length, seed in [(3, 70, 0), (5, 128, 1), (2, 97, 2)]:
+        x = torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(seed)).cuda()
+        pos = random_documents(batch, length, seed).cuda()
+        results = {}
+        for kind in ("sdpa", "flex"):
+            monkeypatch.setattr(mm, "PACKED_ATTENTION", kind)
+            model.zero_grad(set_to_none=True)
+            loss = model(x, labels=x, position_ids=pos, packed=True).loss
+            loss.backward()
+            results[kind] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert abs(results["flex"][0] - results["sdpa"][0]) < 1e-4
+        assert torch.allclose(results["flex"][1], results["sdpa"][1], atol=1e-4, rtol=1e-3)
+
+
 def test_yarn_scaling_interpolates_only_low_frequencies():
     from model.model_minimind import rope_inv_freq
     cfg = dict(TINY, max_position_embeddings=32768)
