@@ -133,8 +133,10 @@ def main():
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
     recipe = RECIPES[args.recipe or ("cuda" if args.device.startswith("cuda") else "cpu")]
+    # eager also on CUDA (where --compile defaults on): the stages are short, and the padded batches' changing
+    # shapes would make each compile again
     system = ["--out_dir", out, "--device", args.device, "--num_workers", "0", "--log_interval", "10",
-              "--save_interval", "100000", "--dtype", "bfloat16"]
+              "--save_interval", "100000", "--dtype", "bfloat16", "--compile", "0"]
     common = [*recipe["model"], *system]
     student = [f for k, v in recipe["student"].items() for f in (f"--{k}", str(v))]
     s_dim = recipe["student"]["hidden_size"]

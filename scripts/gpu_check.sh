@@ -9,7 +9,8 @@
 #   5. the summary table (scripts/gpu_report.py)                          -> gpu.md, printed at the end
 #
 #   bash scripts/gpu_check.sh                     # OUT defaults to out/gpu_check
-#   STEPS="tests bench" bash scripts/gpu_check.sh # only some steps (tests bench anchor demo), e.g. to split the run
+#   STEPS="bench anchor tests" bash scripts/gpu_check.sh; STEPS=demo DEMO_S=560 bash scripts/gpu_check.sh
+#                                                 # in two calls: the GPU demo alone took over 335 s on an H200
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # on a CPU: each step at toy size, to check the script itself
 # Each step has its own time limit (under 600 s in all, one device call), so one that hangs costs only its share;
 # steps.txt says how each ended. gpu_report.py can be rerun anywhere on a copy of $OUT.
@@ -70,7 +71,7 @@ else
   fi
   # the files that hold the cuda tests (collecting the others would import the server's and the web page's packages)
   parallel_steps 'step tests 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_model.py tests/test_precision.py tests/test_train.py' \
-                 'step demo 230 python3 scripts/demo.py --out_dir "$OUT/demo" --device cuda'
+                 'step demo ${DEMO_S:-230} python3 scripts/demo.py --out_dir "$OUT/demo" --device cuda'
   [ -f "$OUT/demo/report.md" ] && cp "$OUT/demo/report.md" "$OUT/demo_report.md"
 fi
 python3 scripts/gpu_report.py "$OUT" > "$OUT/gpu.md" && cat "$OUT/gpu.md"

@@ -11,7 +11,7 @@ import torch
 from conftest import ON_CPU_AND_CUDA, ROOT
 
 TINY_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu",
-              "--num_workers", "0", "--log_interval", "1"]
+              "--num_workers", "0", "--log_interval", "1", "--compile", "0"]  # compile is on by default on CUDA
 SCRIPTS = ["train_pretrain.py", "train_full_sft.py", "train_lora.py", "train_dpo.py", "train_distill_reason.py"]
 
 
@@ -395,11 +395,20 @@ def test_bf16_training_tracks_float32_on_cuda(data, tmp_path):
     logs = {}
     for dtype in ("float32", "bfloat16"):
         proc = run("train_pretrain.py", *common, "--dtype", dtype, "--out_dir", str(tmp_path / dtype))
-        assert f"dtype torch.{dtype}" in proc.stdout
+        assert f"dtype torch.{dtype}, compile off" in proc.stdout
         logs[dtype] = read_log(tmp_path / dtype, "pretrain_64.jsonl")
     assert len(logs["float32"]) == len(logs["bfloat16"]) == 6
     for a, b in zip(logs["float32"], logs["bfloat16"]):
         assert abs(a["loss"] - b["loss"]) < 0.01 * a["loss"], (a, b)
+
+
+@ON_CPU_AND_CUDA
+def test_compile_is_on_by_default_on_cuda_only(data, tmp_path, device):
+    """Unset, --compile follows the device: on for CUDA (where it measured faster), off on the CPU."""
+    flags = TINY_FLAGS[:-2]  # without --compile 0
+    proc = run("train_pretrain.py", *flags, "--device", device, "--max_seq_len", "32", "--batch_size", "4",
+               "--accumulation_steps", "1", "--data_path", data["pretrain"], "--max_steps", "2", "--out_dir", str(tmp_path))
+    assert f"compile {'on' if device == 'cuda' else 'off'}" in proc.stdout
 
 
 @pytest.mark.cuda
