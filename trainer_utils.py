@@ -125,8 +125,9 @@ def model_config_from_args(args) -> MiniMindConfig:
 class Context:
     """Where this process runs: rank, world size, device, autocast."""
     def __init__(self, args):
-        if model_minimind.PACKED_ATTENTION not in ("flex", "sdpa"):
-            raise UserError(f"MINIMIND_PACKED_ATTENTION={model_minimind.PACKED_ATTENTION}: use flex (the default) or sdpa")
+        if model_minimind.packed_attention_kind() not in ("flex", "sdpa"):
+            raise UserError(f"MINIMIND_PACKED_ATTENTION={model_minimind.packed_attention_kind()}: use flex (the default) "
+                            f"or sdpa (the attention of packed batches on CUDA)")
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         if self.ddp:
             self.rank, self.local_rank, self.world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

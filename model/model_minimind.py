@@ -446,10 +446,14 @@ class MiniMindBlock(nn.Module):
 
 # Packed training on CUDA masks documents with FlexAttention's block mask: a fused kernel that skips the blocks
 # between documents, where the dense bool mask below sends SDPA to its masked kernel with K/V repeated per head.
-# MINIMIND_PACKED_ATTENTION=sdpa keeps the dense mask everywhere (if this torch cannot compile flex_attention);
-# scripts/bench_train.py --packed_attention compares the two.
-PACKED_ATTENTION = os.environ.get("MINIMIND_PACKED_ATTENTION", "flex")  # trainer_utils.Context checks the value
+# MINIMIND_PACKED_ATTENTION=sdpa keeps the dense mask everywhere (if this torch cannot compile flex_attention).
+PACKED_ATTENTION = None  # "flex" or "sdpa" here overrides the environment (scripts/bench_train.py compares them)
 _compiled_flex = None
+
+
+def packed_attention_kind():
+    """flex or sdpa (trainer_utils.Context refuses any other value before training starts)."""
+    return PACKED_ATTENTION or os.environ.get("MINIMIND_PACKED_ATTENTION", "flex")
 
 
 def packed_flex_attention(q, k, v, block_mask):
@@ -522,7 +526,7 @@ class MiniMindModel(nn.Module):
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: keep the fast causal kernel
-        if (packed and attention_mask is None and past_len == 0 and input_ids.is_cuda and PACKED_ATTENTION == "flex"
+        if (packed and attention_mask is None and past_len == 0 and input_ids.is_cuda and packed_attention_kind() == "flex"
                 and not (self.training and self.config.dropout > 0)):  # flex_attention has no dropout
             mask = document_block_mask(position_ids)
         else:

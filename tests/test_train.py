@@ -411,6 +411,15 @@ def test_compile_is_on_by_default_on_cuda_only(data, tmp_path, device):
     assert f"compile {'on' if device == 'cuda' else 'off'}" in proc.stdout
 
 
+def test_unknown_packed_attention_is_one_clear_error(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_PACKED_ATTENTION", "flash")
+    proc = run("train_pretrain.py", *TINY_FLAGS, "--max_seq_len", "32", "--batch_size", "4", "--data_path", data["pretrain"],
+               "--max_steps", "1", "--out_dir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and not os.listdir(tmp_path)
+    assert proc.stderr.strip().splitlines() == ["error: MINIMIND_PACKED_ATTENTION=flash: use flex (the default) or sdpa "
+                                                "(the attention of packed batches on CUDA)"]
+
+
 @pytest.mark.cuda
 def test_float16_run_uses_the_gradscaler_and_skips_an_overflowing_step(data, tmp_path, monkeypatch):
     """train_pretrain.py --dtype float16 on CUDA: a step whose gradients overflow (the loss itself finite, so the
