@@ -7,7 +7,8 @@
 
 It writes a synthetic pretrain jsonl, runs train_pretrain.py's own main() (the same code path a user
 runs, not a copy) for --steps optimizer steps, and reads the numbers that the training loop itself logs
-over the last --measure steps (the first steps include warm-up and compilation). --batch_size, --compile,
+over the last --measure steps (the first steps include warm-up and compilation). --profile_dir adds 5 steps
+to each run, after the timed ones, under torch.profiler, and writes where their time went. --batch_size, --compile,
 --packing, --packed_attention and --num_workers take several values: every combination runs, one after another.
 A run that fails is recorded with its error (in the table and the JSON) and the next one runs.
 """
@@ -33,7 +34,9 @@ from trainer.cli import ArgumentParser, UserError, device_name, int_in, nonneg_i
 from trainer.file_io import atomic_write_text  # noqa: E402
 
 CPU_TINY = {"tiny-cpu": dict(hidden_size=128, num_hidden_layers=4),
-            "tiny-cpu-moe": dict(hidden_size=128, num_hidden_layers=2, use_moe=True)}
+            "tiny-cpu-moe": dict(hidden_size=128, num_hidden_layers=2, use_moe=True),
+            "demo-cuda": dict(hidden_size=256, num_hidden_layers=8)}  # scripts/demo.py's GPU model
+PROFILE_STEPS = 5
 
 
 def synthetic_corpus(path, n_lines, seq_len, length_mix, seed=0):
@@ -58,7 +61,7 @@ def run_one(preset_name, run, args, data_path, out_dir):
     sys.argv = ["train_pretrain.py", "--dim", str(cfg["hidden_size"]), "--n_layers", str(cfg["num_hidden_layers"]),
                 "--use_moe", str(int(cfg.get("use_moe", False))), "--data_path", data_path, "--out_dir", out_dir,
                 "--max_seq_len", str(args.seq_len), "--batch_size", str(run["batch_size"]), "--accumulation_steps", "1",
-                "--max_steps", str(args.steps), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
+                "--max_steps", str(args.steps + (PROFILE_STEPS if args.profile_dir else 0)), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
                 "--device", args.device, "--dtype", args.dtype, "--num_workers", str(run["num_workers"]),
                 "--learning_rate", "5e-4", "--packing", str(run["packing"]), "--compile", str(run["compile"])]
     model_minimind.PACKED_ATTENTION = run["packed_attention"]
@@ -74,12 +77,54 @@ def run_one(preset_name, run, args, data_path, out_dir):
         logger_log(self, record)
         log_times.append(time.time())
     trainer_utils.Logger.log = log_with_time
+    optimizer_step = trainer_utils.optimizer_step
+    if args.profile_dir:
+        profiler = step_profiler(args, os.path.join(args.profile_dir, f"profile_{preset_name}_b{run['batch_size']}_c{run['compile']}_p"
+                                                    f"{run['packing']}{'_' + run['packed_attention'] if run['packing'] else ''}.txt"))
+
+        def step_and_profile(*a, **kw):  # the loop's optimizer step, then the profiler's step count
+            taken = optimizer_step(*a, **kw)
+            profiler.step()
+            return taken
+        trainer_utils.optimizer_step = step_and_profile
+        profiler.start()
     try:
         train_pretrain.main()
     finally:
         trainer_utils.Logger.log = logger_log
+        trainer_utils.optimizer_step = optimizer_step
+        if args.profile_dir:
+            profiler.stop()
     with open(os.path.join(out_dir, "logs", f"pretrain_{cfg['hidden_size']}{'_moe' if cfg.get('use_moe') else ''}.jsonl")) as f:
-        return [json.loads(line) for line in f][-1], log_times[-2:]
+        records = [json.loads(line) for line in f]
+    timed = [i for i, r in enumerate(records) if r["step"] == args.steps][0]  # the profiled steps come after
+    return records[timed], log_times[timed - 1:timed + 1]
+
+
+def step_profiler(args, path):
+    """torch.profiler over the PROFILE_STEPS steps after the timed ones; writes its table of operations (by time on
+    the device for CUDA, on the CPU otherwise) and the wall time per step to path."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    cuda = args.device.startswith("cuda")
+    started = {}
+
+    def write(prof):
+        per_step = (time.time() - started["t"]) / PROFILE_STEPS * 1e3
+        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+        atomic_write_text(f"{PROFILE_STEPS} profiled steps, {per_step:.1f} ms each (wall, with the profiler on)\n{table}\n", path)
+
+    def on_step(step):  # mark the wall clock when the active window opens
+        if step == args.steps:
+            started["t"] = time.time()
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                   schedule=schedule(wait=args.steps, warmup=0, active=PROFILE_STEPS, repeat=1), on_trace_ready=write)
+    step = prof.step
+
+    def counted_step():
+        step()
+        on_step(prof.step_num)
+    prof.step = counted_step
+    return prof
 
 
 def main():
@@ -98,10 +143,14 @@ def main():
     ap.add_argument("--packed_attention", nargs="+", default=["flex"], choices=["flex", "sdpa"],
                     help="with --packing 1 on CUDA: FlexAttention's block mask, or SDPA with a dense bool mask")
     ap.add_argument("--length_mix", choices=["full", "realistic"], default="full")
+    ap.add_argument("--profile_dir", help="profile 5 more steps of each run (after the timed ones) and write the top "
+                                          "operations and ms per step to a text file per run here")
     ap.add_argument("--json", help="also write the results here: a JSON list, one object per run (scripts/gpu_report.py reads it)")
     args = ap.parse_args()
     if args.measure >= args.steps:
         raise UserError(f"--measure {args.measure} must be below --steps {args.steps} (the first steps warm up)")
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench_")
     data = os.path.join(tmp, "bench.jsonl")
     synthetic_corpus(data, n_lines=max(args.batch_size) * args.steps * (4 if args.length_mix == "realistic" else 1) + 64,

@@ -2,7 +2,9 @@
 # Everything that needs a CUDA GPU, in one run of under 10 minutes on one H100 / H200, written to $OUT:
 #   1. our pretraining benchmark: the realistic length mix padded and packed (FlexAttention and dense-mask
 #      SDPA), 26M eager and compiled at batch 32 and 128, 104M, 145M-MoE  -> bench_*.json, bench_*.log
-#   2. MiniMind2's and MiniMind-3's own trainers on the same card (../shared/anchor/run.sh) -> anchor.log
+#   2. where the step time goes (torch.profiler tables): 26M on the realistic mix padded and packed, and the GPU
+#      demo's model at the demo's batch shape                           -> profiles/profile_*.txt
+#      MiniMind2's and MiniMind-3's own trainers on the same card (../shared/anchor/run.sh) -> anchor.log
 #   3. the tests marked `cuda` (bf16 autocast, fused AdamW, float16's GradScaler, --compile and packing losses,
 #      FlexAttention against the dense mask, cached decoding on CUDA)    -> tests.log
 #   4. scripts/demo.py with the GPU recipe (a larger model than the CPU demo), beside 3 -> demo_report.md, demo.log
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
 ANCHOR=${ANCHOR:-$( [ -d shared/anchor ] && echo shared/anchor || echo ../shared/anchor )}  # beside the repo, or in it
 DRY=${GPU_CHECK_DRY:-0}
-STEPS=${STEPS:-bench anchor tests demo}
+STEPS=${STEPS:-bench profile anchor tests demo}
 mkdir -p "$OUT"
 touch "$OUT/steps.txt"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -59,11 +61,14 @@ parallel_steps() {  # tests and demo together; each still gets its own log and s
 if [ "$DRY" = 1 ]; then
   step bench_packing 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --packed_attention flex sdpa --steps 3 --measure 1 --json "$OUT/bench_packing.json"
   step bench_26m 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --batch_size 4 8 --steps 3 --measure 1 --json "$OUT/bench_26m.json"
+  step profile 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --steps 3 --measure 1 --profile_dir "$OUT/profiles"
   parallel_steps 'step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k cpu'
 else
   step bench_packing 70 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --packed_attention flex sdpa --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_packing.json"
   step bench_26m 100 python3 scripts/bench_train.py --presets 26M --batch_size 32 128 --compile 0 1 --steps 30 --measure 15 --json "$OUT/bench_26m.json"
   step bench_large 55 python3 scripts/bench_train.py --presets 104M 145M-MoE --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_large.json"
+  step profile_26m 50 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --batch_size 64 --steps 12 --measure 4 --profile_dir "$OUT/profiles"
+  step profile_demo 40 python3 scripts/bench_train.py --presets demo-cuda --seq_len 128 --batch_size 16 --num_workers 0 --length_mix realistic --packing 0 1 --steps 20 --measure 10 --profile_dir "$OUT/profiles"
   if [ -f "$ANCHOR/run.sh" ]; then
     T=${ANCHOR_T:-45} step anchor 105 bash "$ANCHOR/run.sh"
   elif want anchor; then
