@@ -149,6 +149,10 @@ def main():
     args = ap.parse_args()
     if args.measure >= args.steps:
         raise UserError(f"--measure {args.measure} must be below --steps {args.steps} (the first steps warm up)")
+    if args.profile_dir and args.steps % (args.steps - args.measure):
+        # the loop logs every (steps - measure) steps; the timed window must end on a log line before the profiled steps
+        raise UserError(f"--profile_dir needs --steps a multiple of --steps minus --measure (e.g. --steps 30 --measure 15), "
+                        f"not --steps {args.steps} --measure {args.measure}")
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench_")

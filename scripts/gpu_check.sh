@@ -61,13 +61,13 @@ parallel_steps() {  # tests and demo together; each still gets its own log and s
 if [ "$DRY" = 1 ]; then
   step bench_packing 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --packed_attention flex sdpa --steps 3 --measure 1 --json "$OUT/bench_packing.json"
   step bench_26m 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --batch_size 4 8 --steps 3 --measure 1 --json "$OUT/bench_26m.json"
-  step profile 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --steps 3 --measure 1 --profile_dir "$OUT/profiles"
+  step profile 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --steps 4 --measure 2 --profile_dir "$OUT/profiles"
   parallel_steps 'step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k cpu'
 else
   step bench_packing 70 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --packed_attention flex sdpa --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_packing.json"
   step bench_26m 100 python3 scripts/bench_train.py --presets 26M --batch_size 32 128 --compile 0 1 --steps 30 --measure 15 --json "$OUT/bench_26m.json"
   step bench_large 55 python3 scripts/bench_train.py --presets 104M 145M-MoE --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_large.json"
-  step profile_26m 50 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --batch_size 64 --steps 12 --measure 4 --profile_dir "$OUT/profiles"
+  step profile_26m 50 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --batch_size 64 --steps 12 --measure 6 --profile_dir "$OUT/profiles"
   step profile_demo 40 python3 scripts/bench_train.py --presets demo-cuda --seq_len 128 --batch_size 16 --num_workers 0 --length_mix realistic --packing 0 1 --steps 20 --measure 10 --profile_dir "$OUT/profiles"
   if [ -f "$ANCHOR/run.sh" ]; then
     T=${ANCHOR_T:-45} step anchor 105 bash "$ANCHOR/run.sh"
