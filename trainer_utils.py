@@ -92,8 +92,9 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--device", type=device_name, default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]; torchrun sets the GPU per process")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="autocast dtype on CUDA (CPU runs float32)")
     g.add_argument("--compile", type=str2bool, nargs="?", const=True, default=None, metavar="0|1",
-                   help="torch.compile the model; the first steps are slower while it compiles (unset: on for CUDA, "
-                        "where it trained 26M 1.5-2x faster on an H200, benchmarks/gpu.md; off on the CPU)")
+                   help="torch.compile the model; the first steps are slower while it compiles (unset: on for CUDA where "
+                        "Triton is installed, falling back to eager if compiling fails; it trained 26M 1.5-2x faster on an "
+                        "H200, benchmarks/gpu.md. Off on the CPU)")
     add_bool(g, "--ddp", help="accepted for MiniMind compatibility; DDP is used whenever torchrun starts the script")
 
     g = p.add_argument_group("logging and checkpoints")
@@ -819,7 +820,11 @@ def train(args, ctx, model, dataset, collate_fn, loss_fn, stage, trainable_param
     check_learnable(dataset, args, ctx)
 
     ddp_model = wrap_ddp(model, ctx)
-    use_compile = ctx.cuda if args.compile is None else args.compile
+    use_compile = (ctx.cuda and model_minimind.can_compile_for_cuda()) if args.compile is None else args.compile
+    if use_compile and args.compile is None:
+        # On by default: where this machine cannot compile after all, run eager (torch warns) rather than stop.
+        # An explicit --compile 1 keeps compile errors as errors.
+        torch._dynamo.config.suppress_errors = True
     forward_model = torch.compile(ddp_model) if use_compile else ddp_model
     logger = Logger(args, ctx, stage, state)
     n_params = count_parameters(unwrap(model))

@@ -9,6 +9,7 @@ published MiniMind2 models (mlp.gate.weight, mlp.experts.N.*, mlp.shared_experts
 architecture is a set of config options (`minimind3_options`: QK-norm as self_attn.q_norm/k_norm, wider
 FFN, 4 KV heads, top-1 MoE without shared expert); a dense model with them is transformers' Qwen3.
 """
+import functools
 import math
 import os
 
@@ -456,6 +457,16 @@ def packed_attention_kind():
     return PACKED_ATTENTION or os.environ.get("MINIMIND_PACKED_ATTENTION", "flex")
 
 
+@functools.cache
+def can_compile_for_cuda():
+    """torch.compile builds CUDA kernels with Triton, which some installs lack (e.g. Windows wheels)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
 def packed_flex_attention(q, k, v, block_mask):
     if torch.compiler.is_compiling():  # inside --compile's graph, inductor builds the fused kernel with the rest
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -526,11 +537,10 @@ class MiniMindModel(nn.Module):
                 position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: keep the fast causal kernel
-        if (packed and attention_mask is None and past_len == 0 and input_ids.is_cuda and packed_attention_kind() == "flex"
-                and not (self.training and self.config.dropout > 0)):  # flex_attention has no dropout
-            mask = document_block_mask(position_ids)
-        else:
-            mask = build_attention_mask(attention_mask, position_ids, T, past_len, packed)
+        # packed training on CUDA: FlexAttention's block mask (flex_attention has no dropout); else a dense mask or none
+        flex = (packed and attention_mask is None and past_len == 0 and input_ids.is_cuda and packed_attention_kind() == "flex"
+                and can_compile_for_cuda() and not (self.training and self.config.dropout > 0))
+        mask = document_block_mask(position_ids) if flex else build_attention_mask(attention_mask, position_ids, T, past_len, packed)
         cos, sin = rope_cos_sin(position_ids, self.config)
         h = self.dropout(self.embed_tokens(input_ids))
         presents = []
