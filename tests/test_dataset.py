@@ -347,3 +347,13 @@ def test_thinking_off_turn_learns_the_answer_after_the_prefilled_empty_think_blo
     start = next(i for i, l in enumerate(labels.tolist()) if l != -100)
     assert ids[:start].tolist() == tok.apply_chat_template(conv[:1], add_generation_prompt=True, enable_thinking=False,
                                                            tokenize=True, return_dict=False)
+
+
+def test_encode_plain_gives_the_tokenizers_own_ids(tok):
+    """Datasets encode through the tokenizers library directly (faster); the ids must be tokenizer.encode's, special
+    token strings inside the text included."""
+    from dataset.lm_dataset import encode_plain
+    with open(os.path.join(ROOT, "dataset", "demo", "pretrain_hq.jsonl"), encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f][:300]
+    texts += ["<|im_start|>user\nhi<|im_end|>", " leading", "trailing  ", "\n\n", "", "a<think>b</think>", "😀\u200b", "<|endoftext|>"]
+    assert all(encode_plain(tok, t) == tok.encode(t, add_special_tokens=False) for t in texts)
