@@ -351,9 +351,13 @@ def test_thinking_off_turn_learns_the_answer_after_the_prefilled_empty_think_blo
 
 def test_encode_plain_gives_the_tokenizers_own_ids(tok):
     """Datasets encode through the tokenizers library directly (faster); the ids must be tokenizer.encode's, special
-    token strings inside the text included."""
+    token strings inside the text included, also after a call that left truncation set on the backend."""
     from dataset.lm_dataset import encode_plain
-    with open(os.path.join(ROOT, "dataset", "demo", "pretrain_hq.jsonl"), encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f][:300]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        texts = [p for p in f.read().split("\n\n") if p.strip()][:300]  # English, Chinese, code, tables
     texts += ["<|im_start|>user\nhi<|im_end|>", " leading", "trailing  ", "\n\n", "", "a<think>b</think>", "😀\u200b", "<|endoftext|>"]
     assert all(encode_plain(tok, t) == tok.encode(t, add_special_tokens=False) for t in texts)
+    long_text = texts[0] * 5
+    full = tok.encode(long_text, add_special_tokens=False)
+    assert len(tok(long_text, truncation=True, max_length=3)["input_ids"]) == 3  # leaves truncation set on the backend
+    assert encode_plain(tok, long_text) == full and encode_plain(tok, long_text) == full
