@@ -126,8 +126,9 @@ def model_config_from_args(args) -> MiniMindConfig:
 class Context:
     """Where this process runs: rank, world size, device, autocast."""
     def __init__(self, args):
-        if model_minimind.packed_attention_kind() not in ("flex", "sdpa"):
-            raise UserError(f"MINIMIND_PACKED_ATTENTION={model_minimind.packed_attention_kind()}: use flex (the default) "
+        packed_attention = model_minimind.packed_attention_kind()
+        if packed_attention not in ("flex", "sdpa"):
+            raise UserError(f"MINIMIND_PACKED_ATTENTION={packed_attention}: use flex (the default) "
                             f"or sdpa (the attention of packed batches on CUDA)")
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         if self.ddp:

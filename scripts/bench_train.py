@@ -61,7 +61,8 @@ def run_one(preset_name, run, args, data_path, out_dir):
     sys.argv = ["train_pretrain.py", "--dim", str(cfg["hidden_size"]), "--n_layers", str(cfg["num_hidden_layers"]),
                 "--use_moe", str(int(cfg.get("use_moe", False))), "--data_path", data_path, "--out_dir", out_dir,
                 "--max_seq_len", str(args.seq_len), "--batch_size", str(run["batch_size"]), "--accumulation_steps", "1",
-                "--max_steps", str(args.steps + (PROFILE_STEPS if args.profile_dir else 0)), "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
+                "--max_steps", str(args.steps + (PROFILE_STEPS if args.profile_dir else 0)),
+                "--log_interval", str(args.steps - args.measure), "--save_interval", "1000000",
                 "--device", args.device, "--dtype", args.dtype, "--num_workers", str(run["num_workers"]),
                 "--learning_rate", "5e-4", "--packing", str(run["packing"]), "--compile", str(run["compile"])]
     model_minimind.PACKED_ATTENTION = run["packed_attention"]
@@ -102,29 +103,19 @@ def run_one(preset_name, run, args, data_path, out_dir):
 
 
 def step_profiler(args, path):
-    """torch.profiler over the PROFILE_STEPS steps after the timed ones; writes its table of operations (by time on
-    the device for CUDA, on the CPU otherwise) and the wall time per step to path."""
+    """torch.profiler over the PROFILE_STEPS steps after the timed ones; writes the time per step (its ProfilerStep
+    events) and its table of operations (by time on the device for CUDA, on the CPU otherwise) to path."""
     from torch.profiler import ProfilerActivity, profile, schedule
     cuda = args.device.startswith("cuda")
-    started = {}
 
     def write(prof):
-        per_step = (time.time() - started["t"]) / PROFILE_STEPS * 1e3
-        table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
-        atomic_write_text(f"{PROFILE_STEPS} profiled steps, {per_step:.1f} ms each (wall, with the profiler on)\n{table}\n", path)
-
-    def on_step(step):  # mark the wall clock when the active window opens
-        if step == args.steps:
-            started["t"] = time.time()
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+        events = prof.key_averages()
+        step = next(e for e in events if e.key.startswith("ProfilerStep"))
+        table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+        atomic_write_text(f"{PROFILE_STEPS} profiled steps, {step.cpu_time_total / step.count / 1e3:.1f} ms each "
+                          f"(with the profiler on)\n{table}\n", path)
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
                    schedule=schedule(wait=args.steps, warmup=0, active=PROFILE_STEPS, repeat=1), on_trace_ready=write)
-    step = prof.step
-
-    def counted_step():
-        step()
-        on_step(prof.step_num)
-    prof.step = counted_step
-    return prof
 
 
 def main():

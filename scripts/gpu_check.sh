@@ -4,14 +4,14 @@
 #      SDPA), 26M eager and compiled at batch 32 and 128, 104M, 145M-MoE  -> bench_*.json, bench_*.log
 #   2. where the step time goes (torch.profiler tables): 26M on the realistic mix padded and packed, and the GPU
 #      demo's model at the demo's batch shape                           -> profiles/profile_*.txt
-#      MiniMind2's and MiniMind-3's own trainers on the same card (../shared/anchor/run.sh) -> anchor.log
-#   3. the tests marked `cuda` (bf16 autocast, fused AdamW, float16's GradScaler, --compile and packing losses,
+#   3. MiniMind2's and MiniMind-3's own trainers on the same card (../shared/anchor/run.sh) -> anchor.log
+#   4. the tests marked `cuda` (bf16 autocast, fused AdamW, float16's GradScaler, --compile and packing losses,
 #      FlexAttention against the dense mask, cached decoding on CUDA)    -> tests.log
-#   4. scripts/demo.py with the GPU recipe (a larger model than the CPU demo), beside 3 -> demo_report.md, demo.log
-#   5. the summary table (scripts/gpu_report.py)                          -> gpu.md, printed at the end
+#   5. scripts/demo.py with the GPU recipe (a larger model than the CPU demo), beside 4 -> demo_report.md, demo.log
+#   6. the summary table (scripts/gpu_report.py)                          -> gpu.md, printed at the end
 #
 #   bash scripts/gpu_check.sh                     # OUT defaults to out/gpu_check
-#   STEPS="bench anchor tests" bash scripts/gpu_check.sh; STEPS=demo DEMO_S=560 bash scripts/gpu_check.sh
+#   STEPS="bench profile anchor tests" bash scripts/gpu_check.sh; STEPS=demo DEMO_S=560 bash scripts/gpu_check.sh
 #                                                 # in two calls: the GPU demo alone took over 335 s on an H200
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # on a CPU: each step at toy size, to check the script itself
 # Each step has its own time limit (under 600 s in all, one device call), so one that hangs costs only its share;
