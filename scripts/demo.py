@@ -222,7 +222,7 @@ def main():
              "| stage | metric | before | after |", "| --- | --- | --- | --- |",
              f"| pretrain | held-out loss (perplexity), vs untrained | {r['pre_before']['loss']:.3f} ({r['pre_before']['ppl']:.0f}) | "
              f"{r['pre_after']['loss']:.3f} ({r['pre_after']['ppl']:.1f}) |",
-             f"| pretrain | in-context copying: 20 held-out tokens, then the same 20 (next-token accuracy on the repeat; "
+             f"| pretrain | in-context copying: 8-32 held-out tokens, then the same again (next-token accuracy on the repeat; "
              f"full SFT model: {pct(r['copy']['sft'])}), vs untrained | {pct(r['copy']['untrained'])} | {pct(r['copy']['pretrain'])} |",
              f"| full SFT | replies closed by `<\\|im_end\\|>` ({r['sft_after']['n']} prompts), vs pretrain | {pct(r['sft_before']['in_format'])} | {pct(r['sft_after']['in_format'])} |",
              f"| full SFT | identity questions answered as MiniMind ({r['sft_after']['n_identity']}) | {pct(r['sft_before']['identity_named'])} | {pct(r['sft_after']['identity_named'])} |",

@@ -43,25 +43,37 @@ def pretrain_metrics(model, tokenizer, eval_path, max_len, device):
     return {"loss": loss, "ppl": math.exp(min(loss, 50))}
 
 
-def copy_probe(tokenizer, eval_path, n=64, length=20, seed=0):
-    """In-context copying (what an induction head does): n rows of `length` distinct tokens drawn from the
-    held-out prose, then the same tokens again. A model that cannot continue the repeat cannot put a tool's
-    result into its answer or a problem's numbers into its working."""
+def copy_probe(tokenizer, eval_path, n=64, lengths=(8, 32), seed=0):
+    """In-context copying (what an induction head does): n rows, each of held-out prose tokens drawn at random:
+    a filler, then `length` distinct tokens, then the same tokens again, with `length` drawn per row from
+    `lengths` and the filler making every row equally long. The repeat's distance changes from row to row, so
+    a head that attends a fixed number of tokens back (which copy drills of one length teach) scores little;
+    only matching the context does. A model that cannot continue the repeat cannot put a tool's result into
+    its answer or a problem's numbers into its working. Returns (tokens, mask of the positions to score)."""
     pool = torch.tensor(sorted({t for row in read_jsonl(eval_path) for t in tokenizer.encode(row["text"])}
                                - set(tokenizer.all_special_ids)))
     g = torch.Generator().manual_seed(seed)
-    x = torch.stack([pool[torch.randperm(len(pool), generator=g)[:length]] for _ in range(n)])
-    return torch.cat([x, x], 1)
+    lo, hi = lengths
+    width = 2 * hi + 8
+    rows, masks = [], []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        draw = pool[torch.randperm(len(pool), generator=g)[:width - length]]  # filler and sequence, all distinct
+        x = draw[width - 2 * length:]
+        rows.append(torch.cat([draw[:width - 2 * length], x, x]))
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[width - length + 1:] = True  # the repeat's tokens after its first: predictable only by copying
+        masks.append(mask)
+    return torch.stack(rows), torch.stack(masks)
 
 
 @torch.no_grad()
 def copy_accuracy(model, probe, device):
     """The share of the repeat's tokens (after its first) that the model predicts right on a copy_probe()."""
     model.eval()
-    length = probe.size(1) // 2
-    seq = probe.to(device)
-    pred = model(seq).logits.argmax(-1)
-    return (pred[:, length:-1] == seq[:, length + 1:]).float().mean().item()
+    tokens, mask = (t.to(device) for t in probe)
+    pred = model(tokens).logits.argmax(-1)
+    return (pred[:, :-1] == tokens[:, 1:])[mask[:, 1:]].float().mean().item()
 
 
 def sft_loss(model, tokenizer, eval_path, max_len, device):

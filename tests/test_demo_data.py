@@ -1,10 +1,13 @@
-"""dataset/build_demo_data.py: deterministic bytes, valid formats, checkable content, eval splits held out."""
+"""dataset/build_demo_data.py: deterministic bytes, valid formats, checkable content, eval splits held out;
+and the demo's copy probe."""
 import json
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -236,3 +239,39 @@ def test_tool_conversations_use_the_real_tools_and_eval_phrasings_are_unseen(sma
                 pattern = re.escape(q).replace(r"\{e\}", ".+").replace(r"\{v\}", ".+").replace(r"\{a\}", ".+") \
                     .replace(r"\{b\}", ".+").replace(r"\{d\}", ".+").replace(r"\{n\}", ".+")
                 assert not any(re.fullmatch(pattern, t) for t in train_qs), q
+
+
+class NextTokenRule(torch.nn.Module):
+    """A stand-in model for the copy probe: predicts each next token by a fixed rule over the context."""
+
+    def __init__(self, rule, vocab):
+        super().__init__()
+        self.rule, self.vocab = rule, vocab
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.vocab)
+        for b, row in enumerate(tokens.tolist()):
+            for t in range(len(row)):
+                logits[b, t, self.rule(row, t)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_copy_probe_scores_matching_the_context_not_a_fixed_look_back(small):
+    from dataset.lm_dataset import load_tokenizer
+    from scripts.demo_eval import copy_accuracy, copy_probe
+    tokenizer = load_tokenizer(os.path.join(ROOT, "model"))
+    probe = copy_probe(tokenizer, os.path.join(small, "pretrain_eval.jsonl"))
+    tokens, mask = probe
+    lengths = mask.sum(1) + 1
+    assert 8 <= lengths.min() and lengths.max() <= 32 and len(set(lengths.tolist())) > 10
+    for row, n in zip(tokens, lengths):
+        assert torch.equal(row[-n:], row[-2 * n:-n]) and len(set(row[:-n].tolist())) == len(row) - n
+
+    def induction(row, t):  # the token that followed the last earlier occurrence of the current one
+        earlier = [j for j in range(t) if row[j] == row[t]]
+        return row[earlier[-1] + 1] if earlier else 0
+
+    look_back_20 = lambda row, t: row[t - 19] if t >= 19 else 0  # noqa: E731  (what one-length drills teach)
+    vocab = len(tokenizer)
+    assert copy_accuracy(NextTokenRule(induction, vocab), probe, "cpu") == 1.0
+    assert copy_accuracy(NextTokenRule(look_back_20, vocab), probe, "cpu") < 0.1
