@@ -1,7 +1,10 @@
 #!/bin/bash
-# Everything that needs a CUDA GPU, in one run of under 10 minutes on one H100 / H200, written to $OUT:
+# Everything that needs a CUDA GPU, on one H100 / H200, written to $OUT (about 15 minutes of step limits in all:
+# split it over device calls of at most 10 minutes with STEPS, as below):
 #   1. our pretraining benchmark: the realistic length mix padded and packed (FlexAttention and dense-mask
 #      SDPA), 26M eager and compiled at batch 32 and 128, 104M, 145M-MoE  -> bench_*.json, bench_*.log
+#   1b. what the first H200 run left unmeasured, compiled: the realistic mix padded and packed, 104M and 145M-MoE
+#      (STEPS key "compiled")                                          -> bench_compiled_*.json
 #   2. where the step time goes (torch.profiler tables): 26M on the realistic mix padded and packed, and the GPU
 #      demo's model at the demo's batch shape                           -> profiles/profile_*.txt
 #   3. MiniMind2's and MiniMind-3's own trainers on the same card (../shared/anchor/run.sh) -> anchor.log
@@ -11,17 +14,19 @@
 #   6. the summary table (scripts/gpu_report.py)                          -> gpu.md, printed at the end
 #
 #   bash scripts/gpu_check.sh                     # OUT defaults to out/gpu_check
-#   STEPS="bench profile anchor tests" bash scripts/gpu_check.sh; STEPS=demo DEMO_S=560 bash scripts/gpu_check.sh
-#                                                 # in two calls: the GPU demo alone took over 335 s on an H200
+#   STEPS="bench profile anchor" ...; STEPS="compiled tests" ...; STEPS=demo DEMO_S=480 bash scripts/gpu_check.sh
+#                                                 # in calls of at most 10 minutes: the GPU demo alone took over
+#                                                 # 335 s on an H200
+#   STEPS="compiled profile" bash scripts/gpu_check.sh   # the next session: what 2026-11-28 did not measure
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # on a CPU: each step at toy size, to check the script itself
-# Each step has its own time limit (under 600 s in all, one device call), so one that hangs costs only its share;
+# Each step has its own time limit, so one that hangs costs only its share;
 # steps.txt says how each ended. gpu_report.py can be rerun anywhere on a copy of $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
 ANCHOR=${ANCHOR:-$( [ -d shared/anchor ] && echo shared/anchor || echo ../shared/anchor )}  # beside the repo, or in it
 DRY=${GPU_CHECK_DRY:-0}
-STEPS=${STEPS:-bench profile anchor tests demo}
+STEPS=${STEPS:-bench compiled profile anchor tests demo}
 mkdir -p "$OUT"
 touch "$OUT/steps.txt"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -61,12 +66,15 @@ parallel_steps() {  # tests and demo together; each still gets its own log and s
 if [ "$DRY" = 1 ]; then
   step bench_packing 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --packed_attention flex sdpa --steps 3 --measure 1 --json "$OUT/bench_packing.json"
   step bench_26m 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --batch_size 4 8 --steps 3 --measure 1 --json "$OUT/bench_26m.json"
+  step compiled_packing 300 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --compile 1 --steps 3 --measure 1 --json "$OUT/bench_compiled_packing.json"
   step profile 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --steps 4 --measure 2 --profile_dir "$OUT/profiles"
   parallel_steps 'step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k cpu'
 else
   step bench_packing 70 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --packed_attention flex sdpa --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_packing.json"
   step bench_26m 100 python3 scripts/bench_train.py --presets 26M --batch_size 32 128 --compile 0 1 --steps 30 --measure 15 --json "$OUT/bench_26m.json"
   step bench_large 55 python3 scripts/bench_train.py --presets 104M 145M-MoE --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_large.json"
+  step compiled_packing 110 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --compile 1 --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_compiled_packing.json"
+  step compiled_large 130 python3 scripts/bench_train.py --presets 104M 145M-MoE --compile 1 --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_compiled_large.json"
   step profile_26m 50 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --batch_size 64 --steps 12 --measure 6 --profile_dir "$OUT/profiles"
   step profile_demo 40 python3 scripts/bench_train.py --presets demo-cuda --seq_len 128 --batch_size 16 --num_workers 0 --length_mix realistic --packing 0 1 --steps 20 --measure 10 --profile_dir "$OUT/profiles"
   if [ -f "$ANCHOR/run.sh" ]; then
