@@ -689,7 +689,8 @@ def encode_chat(tokenizer, messages, max_length=None, tools=None):
         add(reply[:end], learn=True)
         add(reply[end:], learn=False)  # the template's newline after <|im_end|>
         done = turn
-    rest = render_chat(tokenizer, messages, tools)
+    # the whole conversation; already rendered as the last turn when it ends with an assistant message
+    rest = done if messages and messages[-1]["role"] == "assistant" else render_chat(tokenizer, messages, tools)
     if not rest.startswith(done):
         raise ChatTemplateError("the tokenizer's chat template renders earlier turns differently once a later "
                                 "turn is added, so assistant labels cannot be derived from it")
