@@ -3,8 +3,9 @@
 # split it over device calls of at most 10 minutes with STEPS, as below):
 #   1. our pretraining benchmark: the realistic length mix padded and packed (FlexAttention and dense-mask
 #      SDPA), 26M eager and compiled at batch 32 and 128, 104M, 145M-MoE  -> bench_*.json, bench_*.log
-#   1b. what the first H200 run left unmeasured, compiled: the realistic mix padded and packed, 104M and 145M-MoE
-#      (STEPS key "compiled")                                          -> bench_compiled_*.json
+#   1b. what the first H200 run left unmeasured (STEPS key "compiled"): compiled, the realistic mix padded and
+#      packed, 104M and 145M-MoE; packed with 3x the samples per step (192: about the 64 rows of the padded
+#      step, so the same memory), eager and compiled                    -> bench_compiled_*.json
 #   2. where the step time goes (torch.profiler tables): 26M on the realistic mix padded and packed, and the GPU
 #      demo's model at the demo's batch shape                           -> profiles/profile_*.txt
 #   3. MiniMind2's and MiniMind-3's own trainers on the same card (../shared/anchor/run.sh) -> anchor.log
@@ -14,10 +15,10 @@
 #   6. the summary table (scripts/gpu_report.py)                          -> gpu.md, printed at the end
 #
 #   bash scripts/gpu_check.sh                     # OUT defaults to out/gpu_check
-#   STEPS="bench profile anchor" ...; STEPS="compiled tests" ...; STEPS=demo DEMO_S=480 bash scripts/gpu_check.sh
+#   STEPS="bench profile anchor" ...; STEPS="compiled tests" ...; STEPS=demo DEMO_S=540 bash scripts/gpu_check.sh
 #                                                 # in calls of at most 10 minutes: the GPU demo alone took over
 #                                                 # 335 s on an H200
-#   STEPS="compiled profile" bash scripts/gpu_check.sh   # the next session: what 2026-11-28 did not measure
+#   STEPS=demo DEMO_S=540 ...; then STEPS=compiled ...   # the next session: what 2026-11-28 did not get
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # on a CPU: each step at toy size, to check the script itself
 # Each step has its own time limit, so one that hangs costs only its share;
 # steps.txt says how each ended. gpu_report.py can be rerun anywhere on a copy of $OUT.
@@ -67,6 +68,7 @@ if [ "$DRY" = 1 ]; then
   step bench_packing 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --packed_attention flex sdpa --steps 3 --measure 1 --json "$OUT/bench_packing.json"
   step bench_26m 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --batch_size 4 8 --steps 3 --measure 1 --json "$OUT/bench_26m.json"
   step compiled_packing 300 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --compile 1 --steps 3 --measure 1 --json "$OUT/bench_compiled_packing.json"
+  step compiled_rows 300 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 1 --batch_size 24 --compile 0 1 --steps 3 --measure 1 --json "$OUT/bench_compiled_rows.json"
   step profile 120 python3 scripts/bench_train.py --device cpu --presets tiny-cpu --length_mix realistic --packing 0 1 --steps 4 --measure 2 --profile_dir "$OUT/profiles"
   parallel_steps 'step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py -k cpu'
 else
@@ -74,6 +76,7 @@ else
   step bench_26m 100 python3 scripts/bench_train.py --presets 26M --batch_size 32 128 --compile 0 1 --steps 30 --measure 15 --json "$OUT/bench_26m.json"
   step bench_large 55 python3 scripts/bench_train.py --presets 104M 145M-MoE --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_large.json"
   step compiled_packing 110 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --compile 1 --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_compiled_packing.json"
+  step compiled_rows 100 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 1 --batch_size 192 --compile 0 1 --steps 30 --measure 15 --json "$OUT/bench_compiled_rows.json"
   step compiled_large 130 python3 scripts/bench_train.py --presets 104M 145M-MoE --compile 1 --batch_size 64 --steps 30 --measure 15 --json "$OUT/bench_compiled_large.json"
   step profile_26m 50 python3 scripts/bench_train.py --presets 26M --length_mix realistic --packing 0 1 --batch_size 64 --steps 12 --measure 6 --profile_dir "$OUT/profiles"
   step profile_demo 40 python3 scripts/bench_train.py --presets demo-cuda --seq_len 128 --batch_size 16 --num_workers 0 --length_mix realistic --packing 0 1 --steps 20 --measure 10 --profile_dir "$OUT/profiles"
