@@ -20,6 +20,7 @@
 #                                                 # 335 s on an H200
 #   STEPS=demo DEMO_S=540 ...; then STEPS=compiled ...   # the next session: what 2026-11-28 did not get
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # on a CPU: each step at toy size, to check the script itself
+#   COMMIT=<hash> bash scripts/gpu_check.sh       # the commit env.txt names, where the copy's git metadata is stale
 # Each step has its own time limit, so one that hangs costs only its share;
 # steps.txt says how each ended. gpu_report.py can be rerun anywhere on a copy of $OUT.
 set -u
@@ -44,7 +45,7 @@ step() {  # step NAME SECONDS COMMAND...: its output to $OUT/NAME.log, how it en
   tail -n 3 "$OUT/$name.log"
 }
 
-{ date -u +"date %Y-%m-%dT%H:%M:%SZ"; echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+{ date -u +"date %Y-%m-%dT%H:%M:%SZ"; echo "commit ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
