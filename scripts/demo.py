@@ -132,10 +132,16 @@ def main():
     args = ap.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
-    recipe = RECIPES[args.recipe or ("cuda" if args.device.startswith("cuda") else "cpu")]
-    # eager also on CUDA (where --compile defaults on): the stages are short, and the padded batches' changing
-    # shapes would make each compile again
-    system = ["--out_dir", out, "--device", args.device, "--num_workers", "0", "--log_interval", "10",
+    cuda = args.device.startswith("cuda")
+    recipe = RECIPES[args.recipe or ("cuda" if cuda else "cpu")]
+    # Eager also on CUDA (where --compile defaults on): the stages are short, and the padded batches' changing
+    # shapes would make each compile again. For the same reason packed stages use the dense mask there, not
+    # FlexAttention: on the H200 its compile made the first 10 steps of each of the four packed stages take
+    # 11-60 s (about 2 of the run's 5.6 minutes). DataLoader workers only on CUDA: on 2 CPU cores they would
+    # take cores from the math, while the H200 run without them waited for data 10-34% of each stage's time.
+    if cuda:
+        os.environ.setdefault("MINIMIND_PACKED_ATTENTION", "sdpa")
+    system = ["--out_dir", out, "--device", args.device, *([] if cuda else ["--num_workers", "0"]), "--log_interval", "10",
               "--save_interval", "100000", "--dtype", "bfloat16", "--compile", "0"]
     common = [*recipe["model"], *system]
     student = [f for k, v in recipe["student"].items() for f in (f"--{k}", str(v))]
