@@ -3,6 +3,7 @@ the training loop. Each train_*.py keeps its own idea (data and loss) and import
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -379,9 +380,11 @@ def check_out_dir(out_dir):
 # epoch can be dropped, so a resumed run sees exactly the batches an uninterrupted one would.
 # ----------------------------------------------------------------------------------------------------
 class ResumableSampler(torch.utils.data.Sampler):
+    """Every sample once an epoch, as MiniMind's loaders do: under DDP the last few repeat so each rank gets as
+    many; the epoch's last batch may be smaller than --batch_size."""
     def __init__(self, dataset, ctx, seed, shuffle=True):
         self.inner = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
-                                                         shuffle=shuffle, seed=seed, drop_last=True)
+                                                         shuffle=shuffle, seed=seed, drop_last=False)
         self.skip = 0
 
     def set_epoch(self, epoch, skip=0):
@@ -398,9 +401,8 @@ class ResumableSampler(torch.utils.data.Sampler):
 def make_loader(dataset, args, ctx, collate_fn):
     """A loader whose batches come as (batch, number of its samples with nothing to learn); with
     --skip_bad_lines those samples are left out of the batch (see counting_collate)."""
-    if len(dataset) < ctx.world * args.batch_size:
-        raise UserError(f"{args.data_path}: {len(dataset)} samples is fewer than one batch "
-                        f"({ctx.world} process(es) x --batch_size {args.batch_size}); lower --batch_size")
+    if len(dataset) == 0:
+        raise UserError(f"{args.data_path}: no samples to train on")
     sampler = ResumableSampler(dataset, ctx, args.seed)
     workers = args.num_workers
     if workers is None:
@@ -408,7 +410,7 @@ def make_loader(dataset, args, ctx, collate_fn):
         workers = max(1, min(8, per_process)) if ctx.cuda else 1
     # The loader's own generator seeds its workers, so starting an epoch does not draw from the global RNG
     # (RL samples replies from it; a resumed run must continue the same stream).
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=False,
                                          num_workers=workers, collate_fn=counting_collate(collate_fn, args.skip_bad_lines),
                                          pin_memory=ctx.cuda, persistent_workers=False,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -425,7 +427,7 @@ def step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
         sampler.set_epoch(state["epoch"], skip=done_in_epoch * args.accumulation_steps * args.batch_size)
         it = iter(loader)
         for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state["step"])):
-            yield [next(it) for _ in range(args.accumulation_steps)]
+            yield list(itertools.islice(it, args.accumulation_steps))  # an epoch's last step takes what is left
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -593,10 +595,7 @@ def resume_path(args):
 
 def count_steps(loader, args):
     """(optimizer steps per epoch, optimizer steps in the run) from --epochs, --accumulation_steps, --max_steps."""
-    steps_per_epoch = len(loader) // args.accumulation_steps
-    if steps_per_epoch == 0:
-        raise UserError(f"{args.data_path}: {len(loader)} batches per epoch is fewer than --accumulation_steps "
-                        f"{args.accumulation_steps}; lower it or --batch_size")
+    steps_per_epoch = math.ceil(len(loader) / args.accumulation_steps)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps > 0:
         total_steps = min(total_steps, args.max_steps)

@@ -104,6 +104,42 @@ def test_whole_chain_on_demo_data(demo, tmp_path):
     assert not any(".tmp" in f for f in os.listdir(out))
 
 
+def test_each_epoch_trains_every_sample_and_resumes_into_its_short_last_step():
+    """As MiniMind's loaders: no sample is dropped; the epoch's last step takes the batches that are left."""
+    from types import SimpleNamespace
+    from trainer_utils import count_steps, make_loader, step_batches
+    samples = [(torch.tensor([i, i]), torch.tensor([i, i])) for i in range(11)]
+    args = SimpleNamespace(batch_size=4, accumulation_steps=2, epochs=2, max_steps=0, num_workers=0, seed=0,
+                           skip_bad_lines=False, data_path="x.jsonl")
+
+    def run_steps(world, rank, start=0):
+        ctx = SimpleNamespace(world=world, rank=rank, cuda=False)
+        loader, sampler = make_loader(samples, args, ctx, collate_fn=lambda batch: [int(ids[0]) for ids, _ in batch])
+        per_epoch, total = count_steps(loader, args)
+        state, steps = {"step": start, "epoch": 0}, []
+        for batches in step_batches(loader, sampler, state, per_epoch, total, args):
+            steps.append([i for batch, _ in batches for i in batch])
+            state["step"] += 1
+        return per_epoch, steps
+
+    per_epoch, steps = run_steps(1, 0)
+    assert per_epoch == 2 and [len(s) for s in steps] == [8, 3, 8, 3]  # batches of 4, 4, 3
+    assert sorted(steps[0] + steps[1]) == sorted(steps[2] + steps[3]) == list(range(11))
+    assert steps[0] != steps[2]  # reshuffled each epoch
+    assert run_steps(1, 0, start=1)[1] == steps[1:]  # a resume continues into the short step
+    ranks = [run_steps(2, r)[1] for r in (0, 1)]  # 6 samples a rank, one repeated to even them out
+    assert [len(s) for r in ranks for s in r] == [6, 6, 6, 6]
+    assert sorted(set(ranks[0][0] + ranks[1][0])) == list(range(11))
+
+
+def test_a_file_smaller_than_one_batch_trains(data, tmp_path):
+    small = write_jsonl(tmp_path / "three.jsonl", [{"text": "人民日报报道，今年经济稳定增长。"}] * 3)
+    out = str(tmp_path / "out")
+    run("train_pretrain.py", *TINY_FLAGS, "--out_dir", out, "--max_seq_len", "32", "--data_path", small, "--epochs", "2")
+    assert len(read_log(out, "pretrain_64.jsonl")) == 2  # default --batch_size and --accumulation_steps: a step an epoch
+    assert os.path.exists(f"{out}/pretrain_64.pth")
+
+
 def test_moe_pretrain_runs(data, tmp_path):
     out = str(tmp_path / "out")
     run("train_pretrain.py", *TINY_FLAGS, "--use_moe", "1", "--out_dir", out, "--max_seq_len", "32",
