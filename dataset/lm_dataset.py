@@ -249,7 +249,9 @@ def parse_line(raw):
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:  # some messages end in "at" ("Unterminated string starting at")
-        raise ValueError(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+        # an object pretty-printed over several lines (as tutorials show them) breaks off at its first line's end
+        spread = "; a .jsonl file needs each JSON object on one line" if e.pos >= len(e.doc.rstrip()) else ""
+        raise ValueError(f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}){spread}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"a JSON {type(obj).__name__}, not an object")
     if SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):  # valid JSON, but no tokenizer can encode it

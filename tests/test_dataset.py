@@ -125,6 +125,7 @@ BAD_CASES = [  # (dataset class, lines, line number in the error, text in the er
     (PretrainDataset, ['{"text": 5}'], 1, '"text" is int, not a string'),
     (PretrainDataset, ['["text"]'], 1, "not an object"),
     (SFTDataset, [{"text": "plain prose"}], 1, "looks like pretrain data"),
+    (SFTDataset, ["{", '  "conversations": [', "  ]", "}"], 1, "needs each JSON object on one line"),  # pretty-printed
     (SFTDataset, [{"chosen": REASON, "rejected": REASON}], 1, "looks like DPO data"),
     (SFTDataset, [{"conversations": REASON}, {"conversations": {"role": "user"}}], 2, "not a list of messages"),
     (SFTDataset, [{"conversations": [{"content": "hi"}, REASON[1]]}], 1, 'message 1 has no "role"'),
