@@ -165,8 +165,8 @@ def load_model(args):
     if args.load == 0:
         path, maker = resolve_weight(args, args.weight or MODEL_MODES[args.model_mode])
         if not os.path.exists(path):
-            raise UserError(f"{path} not found: {f'run {maker} first ' if maker else ''}"
-                            f"(or pass the --out_dir / --dim / --use_moe it was trained with)")
+            where = "pass the --out_dir / --dim / --use_moe it was trained with"
+            raise UserError(f"{path} not found: " + (f"run {maker} first (or {where})" if maker else where))
         model, tokenizer, what = load_weights(path, args), load_tokenizer(args.tokenizer_path), path
         check_weight_tokenizer(path, model, args.tokenizer_path, tokenizer)
         dim = args.dim

@@ -251,6 +251,8 @@ CASES = [
     Case("pretrain-tokenizer-missing", PRETRAIN("--tokenizer_path", "{root}/nope"), ("nope", "no tokenizer")),
     Case("reason-previous-stage-missing", REASON("--dim", "32"), ("rlhf_32.pth", "train_dpo.py")),
     Case("eval-lora-missing", EVAL + ["--model_mode", "2", "--lora_name", "lora_nope", "--prompt", "hi"], ("lora_nope_64.pth", "not found")),
+    Case("eval-weight-name-missing", EVAL + ["--weight", "plain", "--prompt", "hi"],
+         ("plain_64.pth not found: pass the --out_dir",)),  # a name no script writes: no "run ... first"
     Case("tokenizer-corpus-missing", ["train_tokenizer.py", "--data_path", "{data}/nope.jsonl", "--out_dir", "{out}/tok"], ("nope.jsonl",)),
 
     Case("grpo-previous-stage-missing", GRPO("--dim", "32"), ("reason_32.pth", "train_distill_reason.py")),
