@@ -23,11 +23,13 @@ import re
 import sys
 
 import torch
+from transformers import LogitsProcessorList
 
 from dataset.lm_dataset import load_tokenizer, render_chat
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
 from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
+from trainer.tool_guide import ToolCallGuide, can_guide, token_bytes
 from trainer_utils import (MODEL_MODES, ArgumentParser, UserError, add_bool, check_weight_tokenizer, device_name, float_in,
                            load_weights, lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, resolve_weight,
                            run_main, seed_int)
@@ -206,20 +208,24 @@ def prompt_ids(tokenizer, messages, pretrain, tools=None, thinking=None):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def generate_ids(model, tokenizer, ids, args):
-    """Yield the reply's token ids, sampled with a generator seeded with --seed."""
+def generate_ids(model, tokenizer, ids, args, guide=None):
+    """Yield the reply's token ids, sampled with a generator seeded with --seed. guide: a logits processor
+    (the ToolCallGuide of a reply with tools)."""
     x = torch.tensor([ids], device=args.device)
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     if hasattr(model, "stream_generate"):  # our MiniMindForCausalLM, from a .pth or a transformers folder
         gen = torch.Generator(device=x.device).manual_seed(args.seed)
         new = model.stream_generate(x, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=gen)
+                                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=gen,
+                                    logits_processor=guide)
     else:  # a LlamaForCausalLM folder (scripts/convert_model.py writes dense models so): generate(), not streamed
         torch.manual_seed(args.seed)
         sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
+        processors = LogitsProcessorList([guide] if guide else [])
         with torch.inference_mode():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 logits_processor=processors, **sampling)
         new = out[0, len(ids):].tolist()
     for t in new:
         if t in stop:
@@ -272,10 +278,13 @@ def tool_reply(model, tokenizer, messages, tools, args):
     after 🤖️ and every result after 🔧; `messages` gets the assistant and tool messages."""
     schemas = [t.schema for t in tools.values()]
     prefill = THINK_PREFILL[args.enable_thinking]
+    guided = args.guided_tool_calls and can_guide(tokenizer)
+    vocab_bytes = token_bytes(tokenizer) if guided else None
 
     def generate(msgs):
         ids = prompt_ids(tokenizer, msgs, pretrain=False, tools=schemas, thinking=args.enable_thinking)
-        return shown(stream_text(tokenizer, generate_ids(model, tokenizer, ids, args)), args, prefill)
+        guide = ToolCallGuide(tokenizer, schemas, len(ids), vocab_bytes=vocab_bytes) if guided else None
+        return shown(stream_text(tokenizer, generate_ids(model, tokenizer, ids, args, guide)), args, prefill)
 
     calls = {}
     for event, value in chat_turn(generate, messages, tools, args.enable_thinking, args.max_tool_rounds):

@@ -620,8 +620,10 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def stream_generate(self, input_ids, attention_mask=None, max_new_tokens=512, temperature=0.85, top_p=0.85,
-                        top_k=0, repetition_penalty=1.0, eos_token_id=None, generator=None):
-        """One sequence (input_ids [1, T]); temperature 0 is greedy. Stops at eos, which is not yielded."""
+                        top_k=0, repetition_penalty=1.0, eos_token_id=None, generator=None, logits_processor=None):
+        """One sequence (input_ids [1, T]); temperature 0 is greedy. Stops at eos, which is not yielded.
+        logits_processor: called as transformers calls one, (ids so far [1, T'], scores [1, V]) -> scores,
+        before sampling (e.g. trainer/tool_guide.py's ToolCallGuide)."""
         eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
         ids, past = input_ids, None
         seen = input_ids[0].tolist()
@@ -629,6 +631,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             out = self(ids, attention_mask=attention_mask, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = output_cache(out)
             logits = out.logits[0, -1].float()
+            if logits_processor is not None:
+                logits = logits_processor(torch.tensor([seen], device=logits.device), logits[None])[0]
             next_id = sample_next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
             if next_id == eos_token_id:
                 return

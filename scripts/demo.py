@@ -190,6 +190,8 @@ def main():
     r["sft_after"] = ev.chat_metrics(sft, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
     r["tool_before"] = ev.tool_metrics(pre, tok, f"{DATA}/tool_eval.jsonl", device)
     r["tool_after"] = ev.tool_metrics(sft, tok, f"{DATA}/tool_eval.jsonl", device)
+    r["tool_before_free"], r["tool_free"] = (ev.tool_metrics(m, tok, f"{DATA}/tool_eval.jsonl", device, guided=False)
+                                             for m in (pre, sft))  # the same without the ToolCallGuide
     r["dpo_before"] = ev.preference_metrics(sft, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
     r["dpo_after"] = ev.preference_metrics(rlhf, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
     r["reason_before"] = ev.reasoning_metrics(rlhf, tok, f"{DATA}/r1_eval.jsonl", device)
@@ -232,7 +234,10 @@ def main():
              f"full SFT model: {pct(r['copy']['sft'])}), vs untrained | {pct(r['copy']['untrained'])} | {pct(r['copy']['pretrain'])} |",
              f"| full SFT | replies closed by `<\\|im_end\\|>` ({r['sft_after']['n']} prompts), vs pretrain | {pct(r['sft_before']['in_format'])} | {pct(r['sft_after']['in_format'])} |",
              f"| full SFT | identity questions answered as MiniMind ({r['sft_after']['n_identity']}) | {pct(r['sft_before']['identity_named'])} | {pct(r['sft_after']['identity_named'])} |",
-             f"| tool use | well-formed call naming the right tool ({r['tool_after']['n_tool']} held-out tool questions, all three tools offered) | {pct(r['tool_before']['right_tool'])} | {pct(r['tool_after']['right_tool'])} |",
+             f"| tool use | well-formed call naming the right tool ({r['tool_after']['n_tool']} held-out tool questions, all three tools offered; "
+             f"calls guided as eval_model.py and the server guide them) | {pct(r['tool_before']['right_tool'])} | {pct(r['tool_after']['right_tool'])} |",
+             f"| tool use | the same, the model left free (`--guided_tool_calls 0`; no bar) | {pct(r['tool_before_free']['right_tool'])} "
+             f"| {pct(r['tool_free']['right_tool'])} |",
              f"| tool use | call arguments give the reference result | {pct(r['tool_before']['right_args'])} | {pct(r['tool_after']['right_args'])} |",
              f"| tool use | final answer holds the tool's result (real round trip) | {pct(r['tool_before']['answer_has_result'])} | {pct(r['tool_after']['answer_has_result'])} |",
              f"| tool use | questions needing no tool answered without a call ({r['tool_after']['n_plain']}) | {pct(r['tool_before']['plain_direct'])} | {pct(r['tool_after']['plain_direct'])} |",

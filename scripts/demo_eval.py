@@ -8,8 +8,10 @@ import re
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessorList
 
 from dataset.lm_dataset import PretrainDataset, SFTDataset, chat_messages, make_collate, render_chat
+from trainer.tool_guide import ToolCallGuide, token_bytes
 from trainer.tools import TOOLS, parse_tool_calls, run_tool_call
 
 REASON_TEMPLATE = re.compile(r"^<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>$", re.S)
@@ -81,16 +83,20 @@ def sft_loss(model, tokenizer, eval_path, max_len, device):
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch_size=32, tools=None, **template_kwargs):
+def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch_size=32, tools=None, guided=False,
+                     **template_kwargs):
     """Greedy replies to chat prompts (lists of messages; tools[i]: prompt i's tool schemas or None; template_kwargs
-    such as enable_thinking go to the chat template). Returns (text, closed_by_eos) per prompt."""
+    such as enable_thinking go to the chat template). guided: tool calls kept well-formed by a ToolCallGuide,
+    as eval_model.py and the server do by default (a batch's prompts must then offer the same tools).
+    Returns (text, closed_by_eos) per prompt."""
     model.eval()
     results = []
     tools = tools or [None] * len(prompts)
+    vocab_bytes = token_bytes(tokenizer) if guided else None
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+        chunk, chunk_tools = prompts[i:i + batch_size], tools[i:i + batch_size]
         texts = [render_chat(tokenizer, m, t, add_generation_prompt=True, **template_kwargs)
-                 for m, t in zip(chunk, tools[i:i + batch_size])]
+                 for m, t in zip(chunk, chunk_tools)]
         enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         width = max(len(e) for e in enc)
         ids = torch.zeros(len(enc), width, dtype=torch.long)
@@ -98,8 +104,14 @@ def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch
         for r, e in enumerate(enc):  # left padding, so every row continues at the right edge
             ids[r, width - len(e):] = torch.tensor(e)
             mask[r, width - len(e):] = 1
+        processors = LogitsProcessorList()
+        if guided and chunk_tools[0]:
+            if any(t != chunk_tools[0] for t in chunk_tools):
+                raise ValueError("guided generation needs the same tools for every prompt of a batch")
+            processors.append(ToolCallGuide(tokenizer, chunk_tools[0], width, vocab_bytes=vocab_bytes))
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             logits_processor=processors)
         for row in out[:, width:].tolist():
             closed = tokenizer.eos_token_id in row
             row = row[:row.index(tokenizer.eos_token_id)] if closed else row
@@ -197,12 +209,13 @@ def rl_metrics(model, tokenizer, eval_path, device):
             "samples": [(prompts[i][-1]["content"], replies[i][0]) for i in range(min(2, len(rows)))]}
 
 
-def tool_metrics(model, tokenizer, eval_path, device, max_rounds=3):
+def tool_metrics(model, tokenizer, eval_path, device, max_rounds=3, guided=True):
     """Held-out tool use, by real round trips: the model's calls are run with the real tools and their
     results fed back as `tool` messages until it answers (at most max_rounds replies). Per tool question: a
     well-formed call naming the reference's tool; arguments whose result equals the reference call's; a
     final answer holding the result of its last successful call. Per question that needs no tool: answered
-    without a call."""
+    without a call. guided: calls decoded as eval_model.py and the server decode them by default
+    (trainer/tool_guide.py); False: the model left free."""
     convs = []
     for row in read_jsonl(eval_path):
         msgs, tools = chat_messages(row["conversations"], "conversations")
@@ -213,7 +226,7 @@ def tool_metrics(model, tokenizer, eval_path, device, max_rounds=3):
     active = convs
     for _ in range(max_rounds):
         replies = generate_replies(model, tokenizer, [c["messages"] for c in active], device, max_new_tokens=96,
-                                   batch_size=16, tools=[c["tools"] for c in active])
+                                   batch_size=16, tools=[c["tools"] for c in active], guided=guided)
         still = []
         for c, (text, closed) in zip(active, replies):
             content, calls = parse_tool_calls(text)

@@ -13,15 +13,17 @@ Then open the printed page address (http://127.0.0.1:8998/) in a browser, or tal
     r = client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": "你好"}])
 
 Endpoints: POST /v1/chat/completions (messages, temperature, top_p, max_tokens, stream, seed, tools,
-tool_choice "auto"/"none", enable_thinking, chat_template_kwargs; extensions top_k, repetition_penalty,
-server_tools), GET /v1/models (with the model's stage and size), GET / (the chat page, scripts/web/).
+tool_choice "auto"/"none"/"required"/a named function, enable_thinking, chat_template_kwargs; extensions top_k,
+repetition_penalty, server_tools), GET /v1/models (with the model's stage and size), GET / (the chat page, scripts/web/).
 Every invalid field is a 400 with an OpenAI-style error body; OpenAI options this server does not
 implement (stop, logprobs, penalties, logit_bias, response_format) are accepted at their "off" values only,
 never silently ignored. temperature 0 is greedy. A reply that starts with <think> (the reasoning model) puts the thinking in
 `reasoning_content` and the rest, with the <answer> tags removed, in `content`; enable_thinking true
 pre-fills <think> (the reply starts inside it), false pre-fills an empty think block. With `tools`, the
 model's <tool_call> blocks come back as `tool_calls` (finish_reason "tool_calls"), never as text, and the
-client runs them and sends the results as role "tool" messages, as OpenAI's API does. Prompts longer than
+client runs them and sends the results as role "tool" messages, as OpenAI's API does. The blocks are decoded
+guided (trainer/tool_guide.py: always a well-formed call to one of the request's tools; --guided_tool_calls 0
+turns it off), which also makes tool_choice "required" and a named function possible. Prompts longer than
 max_seq_len - max_tokens keep the system message and the most recent messages that fit. There is no
 authentication: keep the default --host 127.0.0.1 unless the network in front of it is trusted.
 
@@ -64,6 +66,7 @@ from dataset.lm_dataset import load_tokenizer, render_chat  # noqa: E402
 from model.model_minimind import count_parameters, stream_text  # noqa: E402
 from scripts.convert_model import add_model_args, load_native, load_transformers_dir  # noqa: E402
 from trainer.chat import add_tool_args, chat_turn, is_well_formed_call, openai_tool_call, tools_from_args  # noqa: E402
+from trainer.tool_guide import ToolCallGuide, can_guide, token_bytes  # noqa: E402
 from trainer.tools import parse_tool_calls  # noqa: E402
 from trainer_utils import (ArgumentParser, UserError, add_bool, device_name, float_in, int_in, port_int,  # noqa: E402
                            positive_int, run_main)
@@ -170,7 +173,7 @@ class ChatRequest(BaseModel):
     logit_bias: dict[str, finite_float(ge=-100, le=100)] | None = None
     response_format: dict | None = None
     tools: list[ToolSpec] | None = None
-    tool_choice: Any = None  # "auto" or "none": checked in Engine.request_tools
+    tool_choice: Any = None  # "auto", "none", "required" or {"type": "function", "function": {"name"}}: Engine.tool_choice
     enable_thinking: Annotated[bool, Field(strict=True)] | None = None  # vLLM / Qwen3 spelling, also in chat_template_kwargs
     chat_template_kwargs: ChatTemplateKwargs | None = None
     server_tools: Annotated[bool, Field(strict=True)] = False  # extension: the chat page's mode (module docstring)
@@ -434,13 +437,15 @@ def request_thinking(req):
 
 class Engine:
     def __init__(self, model, tokenizer, name, device, max_seq_len, max_tokens, temperature, top_p, raw_prompt=False,
-                 tools=None, max_tool_rounds=4, info=None):
+                 tools=None, max_tool_rounds=4, info=None, guided_tool_calls=True):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
         self.max_seq_len, self.default_max_tokens = max_seq_len, max_tokens
         self.temperature, self.top_p = temperature, top_p
         self.raw_prompt = raw_prompt  # a pretrain model continues text; it never saw the chat template
         self.tools, self.max_tool_rounds = tools or {}, max_tool_rounds  # --tools: run for server_tools requests
         self.info = info or {}  # what /v1/models says about the model (stage, size, ...)
+        # --guided_tool_calls: tool_guide.py keeps every <tool_call> block a well-formed call to the request's tools
+        self.vocab_bytes = token_bytes(tokenizer) if guided_tool_calls and can_guide(tokenizer) else None
         self.lock = threading.Lock()  # one model step at a time (see the module docstring)
 
     def _encode(self, messages, tools, template_kwargs):
@@ -485,14 +490,34 @@ class Engine:
                           f"(max_seq_len {self.max_seq_len} - max_tokens {self.max_seq_len - budget}); "
                           f"shorten it or lower max_tokens", "messages", "context_length_exceeded")
 
+    def tool_choice(self, req: ChatRequest):
+        """req.tool_choice checked -> (the tool names a call may use (None: any offered), whether a call is required)."""
+        choice = req.tool_choice
+        if choice is None or choice in ("auto", "none"):
+            return None, False
+        named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str)
+        if choice != "required" and not named:
+            raise BadRequest(f"tool_choice {json.dumps(choice)} is not supported: this server takes \"auto\" (the model "
+                             f"decides), \"none\" (no tools), \"required\" (at least one call) or "
+                             f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}} (a call to that function)", "tool_choice")
+        if req.server_tools:
+            raise BadRequest("tool_choice: with server_tools only \"auto\" and \"none\" (the page's tools are the model's choice)",
+                             "tool_choice")
+        if self.vocab_bytes is None:
+            raise BadRequest("tool_choice: forcing a call needs guided tool calls, which this server has off "
+                             "(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", "tool_choice")
+        if not named:
+            return None, True
+        name, offered = choice["function"]["name"], [t.function.name for t in req.tools]
+        if name not in offered:
+            raise BadRequest(f"tool_choice names {name!r}, which is not in tools ({', '.join(offered)})", "tool_choice")
+        return [name], True
+
     def request_tools(self, req: ChatRequest):
         """The tool schemas to render into the prompt (None: no tools), and whether the server runs them."""
-        if req.tool_choice is not None:
-            if not req.tools and not req.server_tools:
-                raise BadRequest("tool_choice is only allowed when tools are given", "tool_choice")
-            if req.tool_choice not in ("auto", "none"):
-                raise BadRequest(f"tool_choice {json.dumps(req.tool_choice)} is not supported: this server takes \"auto\" "
-                                 f"(the model decides) or \"none\" (no tools)", "tool_choice")
+        if req.tool_choice is not None and not req.tools and not req.server_tools:
+            raise BadRequest("tool_choice is only allowed when tools are given", "tool_choice")
         if req.server_tools:
             if not self.tools:
                 raise BadRequest("server_tools: this server runs no tools; start it with --tools calculator,units,dates "
@@ -518,6 +543,7 @@ class Engine:
             raise BadRequest(f"{which} {max_tokens} must be less than the server's max_seq_len {self.max_seq_len}", which)
         messages = template_messages(req.messages)
         tools, run_tools = self.request_tools(req)
+        call_names, call_required = self.tool_choice(req)
         thinking = request_thinking(req)
         if self.raw_prompt:
             for field, used in [("tools", tools), ("server_tools", run_tools), ("enable_thinking", thinking is not None)]:
@@ -528,6 +554,7 @@ class Engine:
         ids = self.prompt_ids(messages, max_tokens, tools, template_kwargs)
         seed = req.seed if req.seed is not None else random.getrandbits(63)
         return dict(ids=ids, messages=messages, tools=tools, run_tools=run_tools, thinking=thinking,
+                    call_names=call_names, call_required=call_required,
                     template_kwargs=template_kwargs, max_tokens=max_tokens, seed=seed,
                     temperature=self.temperature if req.temperature is None else req.temperature,
                     top_p=self.top_p if req.top_p is None else req.top_p,
@@ -539,10 +566,14 @@ class Engine:
         if "generator" not in job:
             job["generator"] = torch.Generator(device=self.device).manual_seed(job["seed"])
         stats["prompt_tokens"] += len(ids)
+        guide = None
+        if job["tools"] and self.vocab_bytes is not None:
+            guide = ToolCallGuide(self.tokenizer, job["tools"], len(ids), names=job["call_names"],
+                                  required=job["call_required"], vocab_bytes=self.vocab_bytes)
         steps = self.model.stream_generate(
             torch.tensor([ids], device=self.device), max_new_tokens=job["max_tokens"], temperature=job["temperature"],
             top_p=job["top_p"], top_k=job["top_k"], repetition_penalty=job["repetition_penalty"],
-            eos_token_id=self.tokenizer.eos_token_id, generator=job["generator"])
+            eos_token_id=self.tokenizer.eos_token_id, generator=job["generator"], logits_processor=guide)
         n = 0
         try:
             while True:
@@ -805,7 +836,7 @@ def load_engine(args):
         raise UserError("--tools needs a chat model: this one continues plain text (a pretrain checkpoint or --raw_prompt 1)")
     return Engine(model, tokenizer, args.served_model_name or f"minimind-{name}", torch.device(args.device),
                   args.max_seq_len, args.max_tokens, args.temperature, args.top_p, raw_prompt=raw,
-                  tools=tools, max_tool_rounds=args.max_tool_rounds,
+                  tools=tools, max_tool_rounds=args.max_tool_rounds, guided_tool_calls=args.guided_tool_calls,
                   info=describe_model(model, name, raw, tools, args.max_seq_len))
 
 

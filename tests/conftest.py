@@ -88,6 +88,13 @@ def tiny_chat_weight(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def broken_call_weight(tmp_path_factory):
+    """A tiny model that learned one reply, a tool call that is not JSON (tests/tiny_chat.py BROKEN_REPLY)."""
+    from tiny_chat import BROKEN_CONVERSATIONS, train_tiny_chat_model
+    return train_tiny_chat_model(str(tmp_path_factory.mktemp("broken_call")), conversations=BROKEN_CONVERSATIONS, sing=False)
+
+
+@pytest.fixture(scope="session")
 def chat_server(tmp_path_factory, tiny_chat_weight):
     """The server on the tiny chat model, running the calculator tool for the web page."""
     with serve_process(str(tmp_path_factory.mktemp("chat_server")), "--weight", tiny_chat_weight, "--max_seq_len", 2048,

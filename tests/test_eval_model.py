@@ -3,6 +3,7 @@ script run as a subprocess. The runs are started together (each one mostly spend
 torch and transformers) and every test waits for the ones it reads."""
 import concurrent.futures
 import hashlib
+import json
 import os
 import pty
 import re
@@ -268,6 +269,23 @@ def test_tool_round_limit_is_said(tool_runs):
 
 def test_enable_thinking_prefills_the_think_block(tool_runs):
     assert ok(tool_runs["think_on"]()) == f"{USER}Think first\n{BOT}<think>\nLet me think.\n</think>\n<answer>\nThe answer is 42.\n</answer>\n\n"
+
+
+def test_calls_are_guided_into_well_formed_json_unless_turned_off(broken_call_weight):
+    """The model learned a call that is not JSON; by default the guide (trainer/tool_guide.py) makes it write a
+    call the runner can check, and --guided_tool_calls 0 shows what it writes when left free."""
+    from tiny_chat import BROKEN, BROKEN_REPLY
+    base = [sys.executable, os.path.join(ROOT, "eval_model.py"), "--out_dir", os.path.dirname(broken_call_weight), "--dim", "64",
+            "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "40", "--temperature", "0", "--tools", "calculator",
+            "--prompt", BROKEN, "--max_tool_rounds", "0", "--stream", "0"]
+    free = ok(run(base + ["--guided_tool_calls", "0"]))
+    assert free.startswith(f"{USER}{BROKEN}\n{BOT}{BROKEN_REPLY}\n") and "🔧 (not a call)" in free
+    guided = ok(run(base))
+    block = guided.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0]
+    call = json.loads(block)
+    assert call["name"] == "calculator" and list(call["arguments"]) == ["expression"]
+    assert call["arguments"]["expression"].startswith("6, ")  # what the model wrote, until it could not go on so
+    assert f"🔧 calculator {json.dumps(call['arguments'], ensure_ascii=False)} -> error: " in guided
 
 
 @pytest.mark.parametrize("name,words", [("bad_tool", "unknown tool(s) weather"), ("pretrain_tools", "--tools needs a chat model")])

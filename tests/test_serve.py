@@ -257,8 +257,8 @@ def test_model_path_serves_a_transformers_folder(tmp_path, server, native, token
 # ----------------------------------------------------------------------------------------------------
 # tools and thinking, against the tiny chat model (tests/tiny_chat.py) that really emits a tool call
 # ----------------------------------------------------------------------------------------------------
-from tiny_chat import (CALCULATOR, MATH, MATH_ANSWER, MATH_CALL, MATH_RESULT, THINK, THINK_ANSWER,  # noqa: E402
-                       THINK_REASONING)
+from tiny_chat import (CALCULATOR, HELLO, HELLO_REPLY, MATH, MATH_ANSWER, MATH_CALL, MATH_RESULT, THINK,  # noqa: E402
+                       THINK_ANSWER, THINK_REASONING)
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +320,35 @@ def test_streamed_tool_round_trip(tool_client, chat_server):
     assert answer[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.fixture(scope="module")
+def broken_client(tmp_path_factory, broken_call_weight):
+    """A server on the tiny model that learned a call which is not JSON (tests/tiny_chat.py BROKEN_REPLY)."""
+    from openai import OpenAI
+    with serve_process(str(tmp_path_factory.mktemp("broken_server")), "--weight", broken_call_weight,
+                       "--max_seq_len", 1024, "--served_model_name", "broken") as server:
+        yield OpenAI(base_url=server["base"] + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_client_tools_are_guided_into_a_call_the_client_can_run(broken_client):
+    """Left free this model writes a call that is not JSON (the client would get it as text); the server guides
+    the block, so the client gets a tool call whose arguments parse and fit the calculator's schema."""
+    from tiny_chat import BROKEN
+    r = broken_client.chat.completions.create(model="broken", messages=chat(BROKEN), tools=CALCULATOR, temperature=0,
+                                              max_tokens=100)
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    calls = r.choices[0].message.tool_calls  # off its track, the model goes on to a second call
+    assert all(c.function.name == "calculator" and list(json.loads(c.function.arguments)) == ["expression"] for c in calls)
+    assert json.loads(calls[0].function.arguments)["expression"].startswith("6, ")
+    chunks = list(broken_client.chat.completions.create(model="broken", messages=chat(BROKEN), tools=CALCULATOR,
+                                                        temperature=0, max_tokens=100, stream=True))
+    pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [json.loads("".join(tc.function.arguments or "" for tc in pieces if tc.index == i)) for i in range(len(calls))] == \
+        [json.loads(c.function.arguments) for c in calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    free = broken_client.chat.completions.create(model="broken", messages=chat(BROKEN), temperature=0, max_tokens=40)
+    assert not free.choices[0].message.tool_calls  # without tools nothing is guided (nor parsed as a call)
+
+
 def raw_stream(base, body):
     req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -363,6 +392,19 @@ def test_tool_choice_none_leaves_the_tools_out(tool_client, tokenizer):
     auto = tool_client.chat.completions.create(model="tiny-chat", messages=chat(MATH), tools=CALCULATOR, tool_choice="auto",
                                                temperature=0)
     assert auto.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "calculator"}}])
+def test_tool_choice_required_or_named_makes_the_reply_a_call(tool_client, tool_choice):
+    """The model answers HELLO in plain words even with tools offered; tool_choice "required" (or naming the
+    function) makes the reply open a call, which the guide keeps well-formed."""
+    auto = tool_client.chat.completions.create(model="tiny-chat", messages=chat(HELLO), tools=CALCULATOR, temperature=0)
+    assert auto.choices[0].message.content == HELLO_REPLY and not auto.choices[0].message.tool_calls
+    r = tool_client.chat.completions.create(model="tiny-chat", messages=chat(HELLO), tools=CALCULATOR, temperature=0,
+                                            tool_choice=tool_choice, max_tokens=60)
+    assert r.choices[0].finish_reason == "tool_calls"
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "calculator" and list(json.loads(call.function.arguments)) == ["expression"]
 
 
 def test_server_tools_runs_the_calls_for_the_page(tool_client):
@@ -418,8 +460,10 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "
     ({"tools": "calculator"}, "tools"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ({"tools": [{"type": "function", "function": {"name": "not a name!"}}]}, "tools.0.function.name"),
-    ({"tools": CALCULATOR, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": CALCULATOR, "tool_choice": {"type": "function", "function": {"name": "calculator"}}}, "tool_choice"),
+    ({"tools": CALCULATOR, "tool_choice": "any"}, "tool_choice"),
+    ({"tools": CALCULATOR, "tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
+    ({"tools": CALCULATOR, "tool_choice": {"type": "function", "name": "calculator"}}, "tool_choice"),
+    ({"server_tools": True, "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"enable_thinking": "yes"}, "enable_thinking"),
     ({"enable_thinking": 1}, "enable_thinking"),

@@ -24,6 +24,12 @@ THINK, THINK_REASONING, THINK_ANSWER = "Think first", "Let me think.", "The answ
 SCRIPT, SCRIPT_REPLY = "Show a tag", "<script>alert(1)</script> is a tag"
 SING = "Sing"  # its reply repeats "la" and was learned without an end, so it goes on until max_tokens
 MATH, MATH_CALL, MATH_RESULT, MATH_ANSWER = "What is 12*7?", {"expression": "12*7"}, "84", "12*7 = 84."
+# A call written wrong, as the demo's 1.6M model sometimes writes one: the expression runs on into another tool's
+# fields, so the block is not JSON. A model that learned only this (BROKEN_CONVERSATIONS) shows what
+# trainer/tool_guide.py makes of it.
+BROKEN, BROKEN_REPLY = "Call it wrong", '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6, "from": "f", "to": "kg"}}\n</tool_call>'
+BROKEN_CONVERSATIONS = [{"tools": CALCULATOR, "conversations": [{"role": "user", "content": BROKEN},
+                                                                {"role": "assistant", "content": BROKEN_REPLY}]}]
 CALL_MESSAGE = {"role": "assistant", "content": "",
                 "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": MATH_CALL}}]}
 
@@ -44,17 +50,18 @@ SING_LINE = {"conversations": [{"role": "user", "content": SING}, {"role": "assi
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
-def train_tiny_chat_model(out_dir, max_steps=300, lr=1e-2):
+def train_tiny_chat_model(out_dir, max_steps=300, lr=1e-2, conversations=CONVERSATIONS, sing=True):
     """Train until the replies are learned by heart; returns the weight file (full_sft_64.pth)."""
     tokenizer = load_tokenizer()
     os.makedirs(out_dir, exist_ok=True)
     chat_path, sing_path = os.path.join(out_dir, "chat.jsonl"), os.path.join(out_dir, "sing.jsonl")
     with open(chat_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in CONVERSATIONS)
+        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations)
     with open(sing_path, "w", encoding="utf-8") as f:
         f.write(json.dumps(SING_LINE) + "\n")
     samples = list(SFTDataset(chat_path, tokenizer, max_length=1024))
-    samples += list(SFTDataset(sing_path, tokenizer, max_length=48))  # cut before <|im_end|>: it never learns to stop
+    if sing:
+        samples += list(SFTDataset(sing_path, tokenizer, max_length=48))  # cut before <|im_end|>: it never learns to stop
     # one packed row, and the output layer (most of this model's compute) only where a label is learned
     input_ids, labels, position_ids = make_pack_collate(max_length=sum(len(ids) for ids, _ in samples))(samples)
     assert input_ids.shape[0] == 1

@@ -15,7 +15,7 @@ import json
 import uuid
 
 from trainer.tools import ToolError, parse_tool_calls, run_tool_call, select_tools
-from trainer_utils import UserError
+from trainer_utils import UserError, add_bool
 
 THINK, END_THINK = "<think>", "</think>"
 # What the chat template's generation prompt pre-fills for enable_thinking true / false (None: nothing).
@@ -29,6 +29,9 @@ def add_tool_args(parser, what_they_do):
                    help=f"tools from trainer/tools.py {what_they_do} (default: none)")
     g.add_argument("--max_tool_rounds", type=int, default=4,
                    help="the most times the model is given tool results and asked again per message (default 4)")
+    add_bool(g, "--guided_tool_calls", default=True,
+             help="inside a <tool_call> block let the model write only a well-formed call to an offered tool, with "
+                  "arguments its schema allows (trainer/tool_guide.py; default 1; 0: leave the model free)")
 
 
 def tools_from_args(args):
