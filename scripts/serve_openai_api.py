@@ -13,17 +13,19 @@ Then open the printed page address (http://127.0.0.1:8998/) in a browser, or tal
     r = client.chat.completions.create(model="minimind", messages=[{"role": "user", "content": "你好"}])
 
 Endpoints: POST /v1/chat/completions (messages, temperature, top_p, max_tokens, stream, seed, tools,
-tool_choice "auto"/"none"/"required"/a named function, enable_thinking, chat_template_kwargs; extensions top_k,
-repetition_penalty, server_tools), GET /v1/models (with the model's stage and size), GET / (the chat page, scripts/web/).
+tool_choice "auto"/"none"/"required"/a named function, parallel_tool_calls, response_format text/json_object/
+json_schema, enable_thinking, chat_template_kwargs; extensions top_k, repetition_penalty, server_tools), GET /v1/models (with the model's stage and size), GET / (the chat page, scripts/web/).
 Every invalid field is a 400 with an OpenAI-style error body; OpenAI options this server does not
-implement (stop, logprobs, penalties, logit_bias, response_format) are accepted at their "off" values only,
+implement (stop, logprobs, penalties, logit_bias) are accepted at their "off" values only,
 never silently ignored. temperature 0 is greedy. A reply that starts with <think> (the reasoning model) puts the thinking in
 `reasoning_content` and the rest, with the <answer> tags removed, in `content`; enable_thinking true
 pre-fills <think> (the reply starts inside it), false pre-fills an empty think block. With `tools`, the
 model's <tool_call> blocks come back as `tool_calls` (finish_reason "tool_calls"), never as text, and the
 client runs them and sends the results as role "tool" messages, as OpenAI's API does. The blocks are decoded
 guided (trainer/tool_guide.py: always a well-formed call to one of the request's tools; --guided_tool_calls 0
-turns it off), which also makes tool_choice "required" and a named function possible. Prompts longer than
+turns it off), which also makes tool_choice "required" and a named function possible, and parallel_tool_calls
+false (at most one call). The same automaton makes response_format json_object / json_schema work: the whole
+reply is then one JSON value the schema allows. Prompts longer than
 max_seq_len - max_tokens keep the system message and the most recent messages that fit. There is no
 authentication: keep the default --host 127.0.0.1 unless the network in front of it is trusted.
 
@@ -66,7 +68,7 @@ from dataset.lm_dataset import load_tokenizer, render_chat  # noqa: E402
 from model.model_minimind import count_parameters, stream_text  # noqa: E402
 from scripts.convert_model import add_model_args, load_native, load_transformers_dir  # noqa: E402
 from trainer.chat import add_tool_args, chat_turn, is_well_formed_call, openai_tool_call, tools_from_args  # noqa: E402
-from trainer.tool_guide import ToolCallGuide, can_guide, token_bytes  # noqa: E402
+from trainer.tool_guide import JsonReplyGuide, ToolCallGuide, can_guide, token_bytes  # noqa: E402
 from trainer.tools import parse_tool_calls  # noqa: E402
 from trainer_utils import (ArgumentParser, UserError, add_bool, device_name, float_in, int_in, port_int,  # noqa: E402
                            positive_int, run_main)
@@ -171,8 +173,9 @@ class ChatRequest(BaseModel):
     presence_penalty: finite_float(ge=-2, le=2) | None = None
     frequency_penalty: finite_float(ge=-2, le=2) | None = None
     logit_bias: dict[str, finite_float(ge=-100, le=100)] | None = None
-    response_format: dict | None = None
+    response_format: dict | None = None  # text, json_object or json_schema: Engine.reply_schema
     tools: list[ToolSpec] | None = None
+    parallel_tool_calls: Annotated[bool, Field(strict=True)] | None = None  # false: at most one call
     tool_choice: Any = None  # "auto", "none", "required" or {"type": "function", "function": {"name"}}: Engine.tool_choice
     enable_thinking: Annotated[bool, Field(strict=True)] | None = None  # vLLM / Qwen3 spelling, also in chat_template_kwargs
     chat_template_kwargs: ChatTemplateKwargs | None = None
@@ -186,7 +189,6 @@ NOT_IMPLEMENTED = {  # field -> (is it off?, what to say)
     "presence_penalty": (lambda v: not v, "presence_penalty is not supported; use repetition_penalty (> 1 discourages repeats)"),
     "frequency_penalty": (lambda v: not v, "frequency_penalty is not supported; use repetition_penalty (> 1 discourages repeats)"),
     "logit_bias": (lambda v: not v, "logit_bias is not supported by this server"),
-    "response_format": (lambda v: not v or v == {"type": "text"}, "only response_format {\"type\": \"text\"} is supported"),
 }
 
 
@@ -514,6 +516,32 @@ class Engine:
             raise BadRequest(f"tool_choice names {name!r}, which is not in tools ({', '.join(offered)})", "tool_choice")
         return [name], True
 
+    def reply_schema(self, req: ChatRequest, tools, thinking):
+        """response_format checked -> the JSON schema the reply must follow, or None for text."""
+        fmt = req.response_format
+        if not fmt or fmt == {"type": "text"}:
+            return None
+        kind = fmt.get("type")
+        spec = fmt.get("json_schema")
+        if kind == "json_object" and set(fmt) == {"type"}:
+            schema = {"type": "object"}
+        elif kind == "json_schema" and set(fmt) == {"type", "json_schema"} and isinstance(spec, dict) \
+                and isinstance(spec.get("name"), str) and isinstance(spec.get("schema", {}), dict):
+            schema = spec.get("schema") or None  # no schema: any JSON value
+        else:
+            raise BadRequest("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                             "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format")
+        if self.vocab_bytes is None:
+            raise BadRequest("response_format: a JSON reply needs guided decoding, which this server has off "
+                             "(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", "response_format")
+        if tools or req.server_tools:
+            raise BadRequest("response_format: a JSON reply cannot also call tools; leave out tools or response_format",
+                             "response_format")
+        if thinking:
+            raise BadRequest("response_format: the JSON is the whole reply, so it cannot start inside a think block; "
+                             "leave out enable_thinking or set it false", "response_format")
+        return schema
+
     def request_tools(self, req: ChatRequest):
         """The tool schemas to render into the prompt (None: no tools), and whether the server runs them."""
         if req.tool_choice is not None and not req.tools and not req.server_tools:
@@ -544,7 +572,11 @@ class Engine:
         messages = template_messages(req.messages)
         tools, run_tools = self.request_tools(req)
         call_names, call_required = self.tool_choice(req)
+        if req.parallel_tool_calls is False and tools and self.vocab_bytes is None:
+            raise BadRequest("parallel_tool_calls: false needs guided tool calls, which this server has off "
+                             "(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", "parallel_tool_calls")
         thinking = request_thinking(req)
+        reply_schema = self.reply_schema(req, tools, thinking)
         if self.raw_prompt:
             for field, used in [("tools", tools), ("server_tools", run_tools), ("enable_thinking", thinking is not None)]:
                 if used:
@@ -554,7 +586,8 @@ class Engine:
         ids = self.prompt_ids(messages, max_tokens, tools, template_kwargs)
         seed = req.seed if req.seed is not None else random.getrandbits(63)
         return dict(ids=ids, messages=messages, tools=tools, run_tools=run_tools, thinking=thinking,
-                    call_names=call_names, call_required=call_required,
+                    call_names=call_names, call_required=call_required, single_call=req.parallel_tool_calls is False,
+                    json_reply=req.response_format not in (None, {}, {"type": "text"}), reply_schema=reply_schema,
                     template_kwargs=template_kwargs, max_tokens=max_tokens, seed=seed,
                     temperature=self.temperature if req.temperature is None else req.temperature,
                     top_p=self.top_p if req.top_p is None else req.top_p,
@@ -567,9 +600,11 @@ class Engine:
             job["generator"] = torch.Generator(device=self.device).manual_seed(job["seed"])
         stats["prompt_tokens"] += len(ids)
         guide = None
-        if job["tools"] and self.vocab_bytes is not None:
-            guide = ToolCallGuide(self.tokenizer, job["tools"], len(ids), names=job["call_names"],
-                                  required=job["call_required"], vocab_bytes=self.vocab_bytes)
+        if job["json_reply"]:
+            guide = JsonReplyGuide(self.tokenizer, job["reply_schema"], len(ids), vocab_bytes=self.vocab_bytes)
+        elif job["tools"] and self.vocab_bytes is not None:
+            guide = ToolCallGuide(self.tokenizer, job["tools"], len(ids), names=job["call_names"], required=job["call_required"],
+                                  max_calls=1 if job["single_call"] else None, vocab_bytes=self.vocab_bytes)
         steps = self.model.stream_generate(
             torch.tensor([ids], device=self.device), max_new_tokens=job["max_tokens"], temperature=job["temperature"],
             top_p=job["top_p"], top_k=job["top_k"], repetition_penalty=job["repetition_penalty"],

@@ -153,7 +153,8 @@ def post(base, body, content_type="application/json"):
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, "stop"),               # typed right, not implemented
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty"),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object", "schema": {}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": "json"}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_SEQ_LEN}, "max_completion_tokens"),
     ([{"role": "user", "content": "hi"}], None),                                              # not an object
 ])
@@ -347,6 +348,23 @@ def test_client_tools_are_guided_into_a_call_the_client_can_run(broken_client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     free = broken_client.chat.completions.create(model="broken", messages=chat(BROKEN), temperature=0, max_tokens=40)
     assert not free.choices[0].message.tool_calls  # without tools nothing is guided (nor parsed as a call)
+    one = broken_client.chat.completions.create(model="broken", messages=chat(BROKEN), tools=CALCULATOR, temperature=0,
+                                                max_tokens=100, parallel_tool_calls=False)
+    assert len(calls) == 2 and [c.function.arguments for c in one.choices[0].message.tool_calls] == [calls[0].function.arguments]
+
+
+@pytest.mark.parametrize("prompt,response_format,check", [
+    (MATH, {"type": "json_object"}, lambda v: isinstance(v, dict)),
+    (THINK, {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+        "type": "object", "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}}, "required": ["answer"]}}},
+     lambda v: isinstance(v["answer"], int) and set(v) <= {"answer", "why"}),
+])
+def test_response_format_makes_the_reply_json_the_schema_allows(tool_client, prompt, response_format, check):
+    """The tiny model never learned JSON replies; guided, what it writes is still one JSON value of the schema."""
+    r = tool_client.chat.completions.create(model="tiny-chat", messages=chat(prompt), temperature=0, max_tokens=100,
+                                            response_format=response_format)
+    assert r.choices[0].finish_reason == "stop"
+    assert check(json.loads(r.choices[0].message.content))
 
 
 def raw_stream(base, body):
@@ -461,6 +479,11 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ({"tools": [{"type": "function", "function": {"name": "not a name!"}}]}, "tools.0.function.name"),
     ({"tools": CALCULATOR, "tool_choice": "any"}, "tool_choice"),
+    ({"tools": CALCULATOR, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "tools": CALCULATOR}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "enable_thinking": True}, "response_format"),
     ({"tools": CALCULATOR, "tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
     ({"tools": CALCULATOR, "tool_choice": {"type": "function", "name": "calculator"}}, "tool_choice"),
     ({"server_tools": True, "tool_choice": "required"}, "tool_choice"),

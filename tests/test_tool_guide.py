@@ -226,3 +226,18 @@ def test_a_vocabulary_that_splits_the_tags_is_left_unguided(tmp_path):
     with pytest.raises(ValueError, match="no <tool_call>"):
         ToolCallGuide(old, SCHEMAS, 0)
     assert can_guide(load_tokenizer(minimind3_like(tmp_path / "m3")))
+
+
+def test_json_reply_guide_ends_the_reply_only_after_a_whole_value(tok, vocab):
+    from trainer.tool_guide import JsonReplyGuide
+    guide = JsonReplyGuide(tok, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, 0,
+                           vocab_bytes=vocab)
+    scores = torch.zeros(1, len(tok))
+    scores[0, tok.eos_token_id] = 9.0
+    scores[0, tok.convert_tokens_to_ids("}")] = 5.0
+    scores[0, tok.convert_tokens_to_ids("{\"")] = 4.0
+    pick = lambda text: tok.convert_ids_to_tokens(int(guide(torch.tensor([tok.encode(text, add_special_tokens=False)]),  # noqa: E731
+                                                            scores.clone())[0].argmax()))
+    assert pick(" ") == '{"'  # the reply must start an object, not end
+    assert pick('{"n": 3') == "}"  # "}" closes it: the required key is there
+    assert pick('{"n": 3}') == "<|im_end|>"

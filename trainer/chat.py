@@ -31,7 +31,8 @@ def add_tool_args(parser, what_they_do):
                    help="the most times the model is given tool results and asked again per message (default 4)")
     add_bool(g, "--guided_tool_calls", default=True,
              help="inside a <tool_call> block let the model write only a well-formed call to an offered tool, with "
-                  "arguments its schema allows (trainer/tool_guide.py; default 1; 0: leave the model free)")
+                  "arguments its schema allows (trainer/tool_guide.py; default 1; 0: leave the model free; the server "
+                  "also needs it for tool_choice required or named, parallel_tool_calls false and JSON replies)")
 
 
 def tools_from_args(args):

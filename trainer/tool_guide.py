@@ -283,25 +283,66 @@ def can_guide(tokenizer):
     return all(single_token_id(tokenizer, tag) is not None for tag in ("<tool_call>", "</tool_call>"))
 
 
+def is_done(state):
+    return state[0][-1][0] == "end"
+
+
+def restrict(scores, row, top_k, fits):
+    """Keep, of row's `top_k` likeliest tokens, those that fit (scores unchanged); -inf for the rest. If none of
+    them fits (rare), the likeliest token that fits in the whole vocabulary."""
+    order = scores[row].topk(min(top_k, scores.shape[1])).indices.tolist()
+    keep = [t for t in order if fits(t)]
+    if not keep:
+        rest = scores[row].argsort(descending=True).tolist()[len(order):]
+        keep = next(([t] for t in rest if fits(t)), None)
+        if keep is None:
+            return
+    masked = torch.full_like(scores[row], float("-inf"))
+    idx = torch.tensor(keep, device=scores.device)
+    masked[idx] = scores[row, idx]
+    scores[row] = masked
+
+
+class StateCache:
+    """Per batch row, the automaton's state after the tokens of the part being guided, fed one more token per
+    step (the part is fed anew when it is not the last step's part plus new tokens, e.g. a new block)."""
+
+    def __init__(self, schema, token_bytes):
+        self.schema, self.bytes, self.rows = schema, token_bytes, {}
+
+    def state(self, row, part):
+        fed, state = self.rows.get(row, ((), None))
+        if not fed or part[:len(fed)] != list(fed):
+            fed, state = (), start_state(self.schema)
+        for tid in part[len(fed):]:
+            state = None if state is None or self.bytes[tid] is None else feed(state, self.bytes[tid])
+        self.rows[row] = (tuple(part), state)
+        return state
+
+    def fits(self, state, tid):
+        data = self.bytes[tid]
+        return data is not None and feed(state, data) is not None
+
+
 class ToolCallGuide:
     """A logits processor (transformers' shape: (input_ids [B, T], scores [B, V]) -> scores) that keeps every
     <tool_call> block the model writes after the prompt a well-formed call to one of `tools` (OpenAI tool
     schemas). `names`: the tools a call may name, if fewer than `tools` (tool_choice naming one function).
     `required`: the reply must make a call (tool_choice "required" or naming a function): once any think
-    block is closed, a reply that has not opened a <tool_call> yet can only open one."""
+    block is closed, a reply that has not opened a <tool_call> yet can only open one. `max_calls`: after that
+    many calls no other block may open (parallel_tool_calls false: 1)."""
 
-    def __init__(self, tokenizer, tools, prompt_len, top_k=64, names=None, required=False, vocab_bytes=None):
+    def __init__(self, tokenizer, tools, prompt_len, top_k=64, names=None, required=False, max_calls=None, vocab_bytes=None):
         tools = [t for t in tools if names is None or t.get("function", t)["name"] in names]
         if not tools:
             raise ValueError("ToolCallGuide needs at least one tool")
-        self.schema = call_schema(tools)
         self.open_id, self.close_id, *self.think_ids = (single_token_id(tokenizer, tag) for tag in
                                                         ("<tool_call>", "</tool_call>", "<think>", "</think>"))
         if self.open_id is None or self.close_id is None:
             raise ValueError("this tokenizer has no <tool_call> and </tool_call> tokens: retrain it with train_tokenizer.py")
-        self.bytes = vocab_bytes if vocab_bytes is not None else token_bytes(tokenizer)
-        self.prompt_len, self.top_k, self.required = prompt_len, top_k, required
-        self.states = {}  # row -> (the open block's tokens fed so far, state): each step feeds one more token
+        self.cache = StateCache(call_schema(tools), vocab_bytes if vocab_bytes is not None else token_bytes(tokenizer))
+        self.schema = self.cache.schema
+        self.prompt_len, self.top_k, self.required, self.max_calls = prompt_len, top_k, required, max_calls
 
     def block_state(self, row, generated):
         """The automaton's state after the open block in `generated` (the row's new token ids), or None when
@@ -311,20 +352,7 @@ class ToolCallGuide:
         start = len(generated) - generated[::-1].index(self.open_id)  # just after the last <tool_call>
         if self.close_id in generated[start:]:
             return None
-        block = generated[start:]
-        fed, state = self.states.get(row, ((), None))
-        if not fed or block[:len(fed)] != list(fed):  # a new block, or another row order than last step
-            fed, state = (), start_state(self.schema)
-        for tid in block[len(fed):]:
-            state = None if state is None or self.bytes[tid] is None else feed(state, self.bytes[tid])
-        self.states[row] = (tuple(block), state)
-        return state
-
-    def allows(self, state, tid):
-        if tid == self.close_id:
-            return state[0][-1][0] == "end"
-        data = self.bytes[tid]
-        return data is not None and feed(state, data) is not None
+        return self.cache.state(row, generated[start:])
 
     def must_open(self, row_ids, generated):
         """tool_choice required: no call yet, and not inside a think block (pre-filled by the prompt or not)."""
@@ -337,20 +365,29 @@ class ToolCallGuide:
         for row in range(input_ids.shape[0]):
             generated = input_ids[row, self.prompt_len:].tolist()
             state = self.block_state(row, generated)
-            if state is None:
-                if self.must_open(input_ids[row].tolist(), generated):
-                    scores[row] = torch.where(torch.arange(scores.shape[1], device=scores.device) == self.open_id,
-                                              0.0, float("-inf"))
-                continue
-            order = scores[row].topk(min(self.top_k, scores.shape[1])).indices.tolist()
-            keep = [t for t in order if self.allows(state, t)]
-            if not keep:  # rare: scan the rest of the vocabulary, likeliest first, for the first token that fits
-                rest = scores[row].argsort(descending=True).tolist()[len(order):]
-                keep = next(([t] for t in rest if self.allows(state, t)), None)
-                if keep is None:
-                    continue
-            masked = torch.full_like(scores[row], float("-inf"))
-            idx = torch.tensor(keep, device=scores.device)
-            masked[idx] = scores[row, idx]
-            scores[row] = masked
+            if state is not None:
+                restrict(scores, row, self.top_k,
+                         lambda t: is_done(state) if t == self.close_id else self.cache.fits(state, t))
+            elif self.must_open(input_ids[row].tolist(), generated):
+                scores[row] = torch.where(torch.arange(scores.shape[1], device=scores.device) == self.open_id,
+                                          0.0, float("-inf"))
+            elif self.max_calls is not None and generated.count(self.close_id) >= self.max_calls:
+                scores[row, self.open_id] = float("-inf")
+        return scores
+
+
+class JsonReplyGuide:
+    """A logits processor that makes the whole reply one JSON value that `schema` allows (a JSON schema, see
+    clean_schema; {"type": "object"}: any object), then the end token: the server's response_format
+    json_object / json_schema."""
+
+    def __init__(self, tokenizer, schema, prompt_len, top_k=64, vocab_bytes=None):
+        self.cache = StateCache(clean_schema(schema), vocab_bytes if vocab_bytes is not None else token_bytes(tokenizer))
+        self.eos_id, self.prompt_len, self.top_k = tokenizer.eos_token_id, prompt_len, top_k
+
+    def __call__(self, input_ids, scores):
+        for row in range(input_ids.shape[0]):
+            state = self.cache.state(row, input_ids[row, self.prompt_len:].tolist())
+            if state is not None:
+                restrict(scores, row, self.top_k, lambda t: is_done(state) if t == self.eos_id else self.cache.fits(state, t))
         return scores
