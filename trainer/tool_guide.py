@@ -287,14 +287,14 @@ def is_done(state):
     return state[0][-1][0] == "end"
 
 
-def restrict(scores, row, top_k, fits):
+def restrict(scores, row, top_k, fits, fallback):
     """Keep, of row's `top_k` likeliest tokens, those that fit (scores unchanged); -inf for the rest. If none of
-    them fits (rare), the likeliest token that fits in the whole vocabulary."""
+    them fits, the likeliest token that fits among `fallback()` (the ids that can)."""
     order = scores[row].topk(min(top_k, scores.shape[1])).indices.tolist()
     keep = [t for t in order if fits(t)]
     if not keep:
-        rest = scores[row].argsort(descending=True).tolist()[len(order):]
-        keep = next(([t] for t in rest if fits(t)), None)
+        ids = fallback().to(scores.device)
+        keep = next(([t] for t in ids[scores[row, ids].argsort(descending=True)].tolist() if fits(t)), None)
         if keep is None:
             return
     masked = torch.full_like(scores[row], float("-inf"))
@@ -308,7 +308,7 @@ class StateCache:
     step (the part is fed anew when it is not the last step's part plus new tokens, e.g. a new block)."""
 
     def __init__(self, schema, token_bytes):
-        self.schema, self.bytes, self.rows = schema, token_bytes, {}
+        self.schema, self.bytes, self.rows, self.by_first_byte = schema, token_bytes, {}, None
 
     def state(self, row, part):
         fed, state = self.rows.get(row, ((), None))
@@ -322,6 +322,18 @@ class StateCache:
     def fits(self, state, tid):
         data = self.bytes[tid]
         return data is not None and feed(state, data) is not None
+
+    def could_fit(self, state, special_ids):
+        """The ids worth trying when none of the likeliest fits: the tokens whose first byte the state takes (in
+        a key or a tool name only a letter or two), and `special_ids`."""
+        if self.by_first_byte is None:
+            buckets = {}
+            for tid, data in enumerate(self.bytes):
+                if data:
+                    buckets.setdefault(data[0], []).append(tid)
+            self.by_first_byte = {b: torch.tensor(ids) for b, ids in buckets.items()}
+        parts = [ids for b, ids in self.by_first_byte.items() if step(state, b) is not None]
+        return torch.cat(parts + [torch.tensor(special_ids, dtype=torch.long)])
 
 
 class ToolCallGuide:
@@ -366,8 +378,8 @@ class ToolCallGuide:
             generated = input_ids[row, self.prompt_len:].tolist()
             state = self.block_state(row, generated)
             if state is not None:
-                restrict(scores, row, self.top_k,
-                         lambda t: is_done(state) if t == self.close_id else self.cache.fits(state, t))
+                restrict(scores, row, self.top_k, lambda t: is_done(state) if t == self.close_id else self.cache.fits(state, t),
+                         lambda: self.cache.could_fit(state, [self.close_id]))
             elif self.must_open(input_ids[row].tolist(), generated):
                 scores[row] = torch.where(torch.arange(scores.shape[1], device=scores.device) == self.open_id,
                                           0.0, float("-inf"))
@@ -389,5 +401,6 @@ class JsonReplyGuide:
         for row in range(input_ids.shape[0]):
             state = self.cache.state(row, input_ids[row, self.prompt_len:].tolist())
             if state is not None:
-                restrict(scores, row, self.top_k, lambda t: is_done(state) if t == self.eos_id else self.cache.fits(state, t))
+                restrict(scores, row, self.top_k, lambda t: is_done(state) if t == self.eos_id else self.cache.fits(state, t),
+                         lambda: self.cache.could_fit(state, [self.eos_id]))
         return scores
