@@ -29,7 +29,7 @@ from dataset.lm_dataset import load_tokenizer, render_chat
 from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
 from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
-from trainer.tool_guide import ToolCallGuide, can_guide, token_bytes
+from trainer.tool_guide import ToolCallGuide, can_guide
 from trainer_utils import (MODEL_MODES, ArgumentParser, UserError, add_bool, check_weight_tokenizer, device_name, float_in,
                            load_weights, lora_weight_path, nonneg_float, nonneg_int, plain_name, positive_int, resolve_weight,
                            run_main, seed_int)
@@ -279,11 +279,10 @@ def tool_reply(model, tokenizer, messages, tools, args):
     schemas = [t.schema for t in tools.values()]
     prefill = THINK_PREFILL[args.enable_thinking]
     guided = args.guided_tool_calls and can_guide(tokenizer)
-    vocab_bytes = token_bytes(tokenizer) if guided else None
 
     def generate(msgs):
         ids = prompt_ids(tokenizer, msgs, pretrain=False, tools=schemas, thinking=args.enable_thinking)
-        guide = ToolCallGuide(tokenizer, schemas, len(ids), vocab_bytes=vocab_bytes) if guided else None
+        guide = ToolCallGuide(tokenizer, schemas, len(ids)) if guided else None
         return shown(stream_text(tokenizer, generate_ids(model, tokenizer, ids, args, guide)), args, prefill)
 
     calls = {}

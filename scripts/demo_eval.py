@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessorList
 
 from dataset.lm_dataset import PretrainDataset, SFTDataset, chat_messages, make_collate, render_chat
-from trainer.tool_guide import ToolCallGuide, token_bytes
+from trainer.tool_guide import ToolCallGuide
 from trainer.tools import TOOLS, parse_tool_calls, run_tool_call
 
 REASON_TEMPLATE = re.compile(r"^<think>\n(.+?)\n</think>\n<answer>\n(.+?)\n</answer>$", re.S)
@@ -92,7 +92,6 @@ def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch
     model.eval()
     results = []
     tools = tools or [None] * len(prompts)
-    vocab_bytes = token_bytes(tokenizer) if guided else None
     for i in range(0, len(prompts), batch_size):
         chunk, chunk_tools = prompts[i:i + batch_size], tools[i:i + batch_size]
         texts = [render_chat(tokenizer, m, t, add_generation_prompt=True, **template_kwargs)
@@ -108,7 +107,7 @@ def generate_replies(model, tokenizer, prompts, device, max_new_tokens=96, batch
         if guided and chunk_tools[0]:
             if any(t != chunk_tools[0] for t in chunk_tools):
                 raise ValueError("guided generation needs the same tools for every prompt of a batch")
-            processors.append(ToolCallGuide(tokenizer, chunk_tools[0], width, vocab_bytes=vocab_bytes))
+            processors.append(ToolCallGuide(tokenizer, chunk_tools[0], width))
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                              logits_processor=processors)

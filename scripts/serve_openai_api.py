@@ -68,7 +68,7 @@ from dataset.lm_dataset import load_tokenizer, render_chat  # noqa: E402
 from model.model_minimind import count_parameters, stream_text  # noqa: E402
 from scripts.convert_model import add_model_args, load_native, load_transformers_dir  # noqa: E402
 from trainer.chat import add_tool_args, chat_turn, is_well_formed_call, openai_tool_call, tools_from_args  # noqa: E402
-from trainer.tool_guide import JsonReplyGuide, ToolCallGuide, can_guide, token_bytes  # noqa: E402
+from trainer.tool_guide import JsonReplyGuide, ToolCallGuide, can_guide  # noqa: E402
 from trainer.tools import parse_tool_calls  # noqa: E402
 from trainer_utils import (ArgumentParser, UserError, add_bool, device_name, float_in, int_in, port_int,  # noqa: E402
                            positive_int, run_main)
@@ -447,7 +447,7 @@ class Engine:
         self.tools, self.max_tool_rounds = tools or {}, max_tool_rounds  # --tools: run for server_tools requests
         self.info = info or {}  # what /v1/models says about the model (stage, size, ...)
         # --guided_tool_calls: tool_guide.py keeps every <tool_call> block a well-formed call to the request's tools
-        self.vocab_bytes = token_bytes(tokenizer) if guided_tool_calls and can_guide(tokenizer) else None
+        self.guided = bool(guided_tool_calls) and can_guide(tokenizer)
         self.lock = threading.Lock()  # one model step at a time (see the module docstring)
 
     def _encode(self, messages, tools, template_kwargs):
@@ -492,6 +492,11 @@ class Engine:
                           f"(max_seq_len {self.max_seq_len} - max_tokens {self.max_seq_len - budget}); "
                           f"shorten it or lower max_tokens", "messages", "context_length_exceeded")
 
+    def need_guide(self, field, what):
+        if not self.guided:
+            raise BadRequest(f"{field}: {what} needs guided decoding, which this server has off "
+                             f"(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", field)
+
     def tool_choice(self, req: ChatRequest):
         """req.tool_choice checked -> (the tool names a call may use (None: any offered), whether a call is required)."""
         choice = req.tool_choice
@@ -506,9 +511,7 @@ class Engine:
         if req.server_tools:
             raise BadRequest("tool_choice: with server_tools only \"auto\" and \"none\" (the page's tools are the model's choice)",
                              "tool_choice")
-        if self.vocab_bytes is None:
-            raise BadRequest("tool_choice: forcing a call needs guided tool calls, which this server has off "
-                             "(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", "tool_choice")
+        self.need_guide("tool_choice", "forcing a call")
         if not named:
             return None, True
         name, offered = choice["function"]["name"], [t.function.name for t in req.tools]
@@ -517,7 +520,7 @@ class Engine:
         return [name], True
 
     def reply_schema(self, req: ChatRequest, tools, thinking):
-        """response_format checked -> the JSON schema the reply must follow, or None for text."""
+        """response_format checked -> the JSON schema the reply must follow ({}: any JSON value), or None for text."""
         fmt = req.response_format
         if not fmt or fmt == {"type": "text"}:
             return None
@@ -527,13 +530,11 @@ class Engine:
             schema = {"type": "object"}
         elif kind == "json_schema" and set(fmt) == {"type", "json_schema"} and isinstance(spec, dict) \
                 and isinstance(spec.get("name"), str) and isinstance(spec.get("schema", {}), dict):
-            schema = spec.get("schema") or None  # no schema: any JSON value
+            schema = spec.get("schema", {})  # {}: any JSON value
         else:
             raise BadRequest("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                              "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", "response_format")
-        if self.vocab_bytes is None:
-            raise BadRequest("response_format: a JSON reply needs guided decoding, which this server has off "
-                             "(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", "response_format")
+        self.need_guide("response_format", "a JSON reply")
         if tools or req.server_tools:
             raise BadRequest("response_format: a JSON reply cannot also call tools; leave out tools or response_format",
                              "response_format")
@@ -572,9 +573,8 @@ class Engine:
         messages = template_messages(req.messages)
         tools, run_tools = self.request_tools(req)
         call_names, call_required = self.tool_choice(req)
-        if req.parallel_tool_calls is False and tools and self.vocab_bytes is None:
-            raise BadRequest("parallel_tool_calls: false needs guided tool calls, which this server has off "
-                             "(--guided_tool_calls 0, or a tokenizer without <tool_call> tokens)", "parallel_tool_calls")
+        if req.parallel_tool_calls is False and tools:
+            self.need_guide("parallel_tool_calls", "false")
         thinking = request_thinking(req)
         reply_schema = self.reply_schema(req, tools, thinking)
         if self.raw_prompt:
@@ -587,7 +587,7 @@ class Engine:
         seed = req.seed if req.seed is not None else random.getrandbits(63)
         return dict(ids=ids, messages=messages, tools=tools, run_tools=run_tools, thinking=thinking,
                     call_names=call_names, call_required=call_required, single_call=req.parallel_tool_calls is False,
-                    json_reply=req.response_format not in (None, {}, {"type": "text"}), reply_schema=reply_schema,
+                    reply_schema=reply_schema,
                     template_kwargs=template_kwargs, max_tokens=max_tokens, seed=seed,
                     temperature=self.temperature if req.temperature is None else req.temperature,
                     top_p=self.top_p if req.top_p is None else req.top_p,
@@ -600,11 +600,11 @@ class Engine:
             job["generator"] = torch.Generator(device=self.device).manual_seed(job["seed"])
         stats["prompt_tokens"] += len(ids)
         guide = None
-        if job["json_reply"]:
-            guide = JsonReplyGuide(self.tokenizer, job["reply_schema"], len(ids), vocab_bytes=self.vocab_bytes)
-        elif job["tools"] and self.vocab_bytes is not None:
+        if job["reply_schema"] is not None:
+            guide = JsonReplyGuide(self.tokenizer, job["reply_schema"], len(ids))
+        elif job["tools"] and self.guided:
             guide = ToolCallGuide(self.tokenizer, job["tools"], len(ids), names=job["call_names"], required=job["call_required"],
-                                  max_calls=1 if job["single_call"] else None, vocab_bytes=self.vocab_bytes)
+                                  max_calls=1 if job["single_call"] else None)
         steps = self.model.stream_generate(
             torch.tensor([ids], device=self.device), max_new_tokens=job["max_tokens"], temperature=job["temperature"],
             top_p=job["top_p"], top_k=job["top_k"], repetition_penalty=job["repetition_penalty"],

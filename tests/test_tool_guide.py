@@ -141,10 +141,10 @@ def block_prefix(tok, text):
     return prompt, prompt + [tok.convert_tokens_to_ids("<tool_call>")] + tok.encode(text, add_special_tokens=False)
 
 
-def test_guide_keeps_the_likeliest_token_that_fits(tok, vocab):
+def test_guide_keeps_the_likeliest_token_that_fits(tok):
     prompt, ids = block_prefix(tok, '\n{"name": "calculator", "arguments": {"expression": "6, "')
     free = torch.tensor([tok.encode(" plain reply", add_special_tokens=False)])
-    guide = ToolCallGuide(tok, SCHEMAS, len(prompt), vocab_bytes=vocab)
+    guide = ToolCallGuide(tok, SCHEMAS, len(prompt))
     scores = torch.zeros(2, len(tok))
     wants = {"from": 10.0, "}}": 5.0, "}": 4.0, "<|im_end|>": 8.0, "</tool_call>": 9.0}
     for piece, s in wants.items():
@@ -157,7 +157,7 @@ def test_guide_keeps_the_likeliest_token_that_fits(tok, vocab):
     assert torch.isinf(out[0, tok.convert_tokens_to_ids("</tool_call>")]) and out[0, tok.convert_tokens_to_ids("}")] == 4.0
     assert torch.equal(out[1], scores[1])  # a row outside a block is left alone
     _, done = block_prefix(tok, '\n{"name": "calculator", "arguments": {"expression": "6"}}\n')
-    out = ToolCallGuide(tok, SCHEMAS, len(prompt), vocab_bytes=vocab)(torch.tensor([done]), scores[:1].clone())
+    out = ToolCallGuide(tok, SCHEMAS, len(prompt))(torch.tensor([done]), scores[:1].clone())
     assert int(out[0].argmax()) == tok.convert_tokens_to_ids("</tool_call>")  # complete: it may close now
 
 
@@ -168,7 +168,7 @@ def test_guided_greedy_decoding_of_random_scores_writes_only_valid_calls(tok, vo
     closed = 0
     for seed in range(12):
         gen = torch.Generator().manual_seed(seed)
-        guide, seq = ToolCallGuide(tok, SCHEMAS, len(prompt), vocab_bytes=vocab), list(ids)
+        guide, seq = ToolCallGuide(tok, SCHEMAS, len(prompt)), list(ids)
         for _ in range(80):
             scores = torch.randn(1, len(tok), generator=gen)
             scores[0, closers] += 2.5
@@ -202,9 +202,9 @@ def test_stream_generate_calls_the_processor_with_the_ids_so_far(tok):
     assert out == [42, 42, 42] and seen == [[5, 6], [5, 6, 42], [5, 6, 42, 42]]
 
 
-def test_required_opens_a_call_once_any_think_block_is_closed(tok, vocab):
+def test_required_opens_a_call_once_any_think_block_is_closed(tok):
     think = tok.encode("<|im_start|>assistant\n<think>\n", add_special_tokens=False)  # enable_thinking pre-fills this
-    guide = ToolCallGuide(tok, SCHEMAS, len(think), required=True, vocab_bytes=vocab)
+    guide = ToolCallGuide(tok, SCHEMAS, len(think), required=True)
     reasoning = tok.encode("let me see", add_special_tokens=False)
     end_think = tok.encode("</think>\n", add_special_tokens=False)
     scores = torch.randn(1, len(tok), generator=torch.Generator().manual_seed(0))
@@ -214,7 +214,7 @@ def test_required_opens_a_call_once_any_think_block_is_closed(tok, vocab):
     called = think + end_think + tok.encode('<tool_call>\n{"name": "dates", "arguments": {"start": "x"}}\n</tool_call>',
                                             add_special_tokens=False)
     assert pick(called) == int(scores[0].argmax())  # one call made: the rest is free
-    named = ToolCallGuide(tok, SCHEMAS, 0, names=["units"], vocab_bytes=vocab)
+    named = ToolCallGuide(tok, SCHEMAS, 0, names=["units"])
     assert named.schema["properties"]["name"]["enum"] == ["units"]
 
 
@@ -228,10 +228,9 @@ def test_a_vocabulary_that_splits_the_tags_is_left_unguided(tmp_path):
     assert can_guide(load_tokenizer(minimind3_like(tmp_path / "m3")))
 
 
-def test_json_reply_guide_ends_the_reply_only_after_a_whole_value(tok, vocab):
+def test_json_reply_guide_ends_the_reply_only_after_a_whole_value(tok):
     from trainer.tool_guide import JsonReplyGuide
-    guide = JsonReplyGuide(tok, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, 0,
-                           vocab_bytes=vocab)
+    guide = JsonReplyGuide(tok, {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, 0)
     scores = torch.zeros(1, len(tok))
     scores[0, tok.eos_token_id] = 9.0
     scores[0, tok.convert_tokens_to_ids("}")] = 5.0

@@ -21,6 +21,8 @@ them), `enum` of strings, object `properties` (the only keys allowed, each at mo
 The JSON is compact, as the chat template writes calls: at most one whitespace character in a row, so a
 model pushed off its track cannot stall in spaces and newlines.
 """
+import weakref
+
 import torch
 
 WHITESPACE = frozenset(b" \t\n\r")
@@ -59,6 +61,35 @@ def token_bytes(tokenizer):
         else:  # not a byte-level vocabulary
             out.append(tokenizer.decode([i]).encode("utf-8"))
     return out
+
+
+class Vocabulary:
+    """What the guides need of a tokenizer, computed once per tokenizer (see `vocabulary`): each token's bytes,
+    and (on first need) the tokens by their first byte."""
+
+    def __init__(self, tokenizer):
+        self.bytes = token_bytes(tokenizer)
+        self._by_first_byte = None
+
+    def by_first_byte(self):
+        if self._by_first_byte is None:
+            buckets = {}
+            for tid, data in enumerate(self.bytes):
+                if data:
+                    buckets.setdefault(data[0], []).append(tid)
+            self._by_first_byte = {b: torch.tensor(ids) for b, ids in buckets.items()}
+        return self._by_first_byte
+
+
+_VOCABULARIES = weakref.WeakKeyDictionary()
+
+
+def vocabulary(tokenizer):
+    """The tokenizer's Vocabulary, made on first use and kept while the tokenizer lives (again if it grew)."""
+    vocab = _VOCABULARIES.get(tokenizer)
+    if vocab is None or len(vocab.bytes) != len(tokenizer):
+        vocab = _VOCABULARIES[tokenizer] = Vocabulary(tokenizer)
+    return vocab
 
 
 def clean_schema(schema):
@@ -115,10 +146,8 @@ def _types(schema):
 
 
 def _string_choices(schema):
-    enum = (schema or {}).get("enum")
-    if enum and all(isinstance(v, str) for v in enum):
-        return tuple(v.encode("utf-8") for v in enum)
-    return None
+    enum = (schema or {}).get("enum")  # clean_schema keeps only enums of strings
+    return tuple(v.encode("utf-8") for v in enum) if enum else None
 
 
 def _keys_left(schema, seen):
@@ -186,7 +215,7 @@ def _number_phase(phase, b, integer):
 
 
 def _member_schema(schema, key, name):
-    if key is not None and key == "arguments" and "arguments_by_name" in schema:
+    if key == "arguments" and "arguments_by_name" in (schema or {}):
         return schema["arguments_by_name"].get(name)
     props = (schema or {}).get("properties")
     return props.get(key) if props and key is not None else None
@@ -307,8 +336,8 @@ class StateCache:
     """Per batch row, the automaton's state after the tokens of the part being guided, fed one more token per
     step (the part is fed anew when it is not the last step's part plus new tokens, e.g. a new block)."""
 
-    def __init__(self, schema, token_bytes):
-        self.schema, self.bytes, self.rows, self.by_first_byte = schema, token_bytes, {}, None
+    def __init__(self, schema, vocab):
+        self.schema, self.vocab, self.bytes, self.rows = schema, vocab, vocab.bytes, {}
 
     def state(self, row, part):
         fed, state = self.rows.get(row, ((), None))
@@ -326,13 +355,7 @@ class StateCache:
     def could_fit(self, state, special_ids):
         """The ids worth trying when none of the likeliest fits: the tokens whose first byte the state takes (in
         a key or a tool name only a letter or two), and `special_ids`."""
-        if self.by_first_byte is None:
-            buckets = {}
-            for tid, data in enumerate(self.bytes):
-                if data:
-                    buckets.setdefault(data[0], []).append(tid)
-            self.by_first_byte = {b: torch.tensor(ids) for b, ids in buckets.items()}
-        parts = [ids for b, ids in self.by_first_byte.items() if step(state, b) is not None]
+        parts = [ids for b, ids in self.vocab.by_first_byte().items() if step(state, b) is not None]
         return torch.cat(parts + [torch.tensor(special_ids, dtype=torch.long)])
 
 
@@ -344,7 +367,7 @@ class ToolCallGuide:
     block is closed, a reply that has not opened a <tool_call> yet can only open one. `max_calls`: after that
     many calls no other block may open (parallel_tool_calls false: 1)."""
 
-    def __init__(self, tokenizer, tools, prompt_len, top_k=64, names=None, required=False, max_calls=None, vocab_bytes=None):
+    def __init__(self, tokenizer, tools, prompt_len, top_k=64, names=None, required=False, max_calls=None):
         tools = [t for t in tools if names is None or t.get("function", t)["name"] in names]
         if not tools:
             raise ValueError("ToolCallGuide needs at least one tool")
@@ -352,7 +375,7 @@ class ToolCallGuide:
                                                         ("<tool_call>", "</tool_call>", "<think>", "</think>"))
         if self.open_id is None or self.close_id is None:
             raise ValueError("this tokenizer has no <tool_call> and </tool_call> tokens: retrain it with train_tokenizer.py")
-        self.cache = StateCache(call_schema(tools), vocab_bytes if vocab_bytes is not None else token_bytes(tokenizer))
+        self.cache = StateCache(call_schema(tools), vocabulary(tokenizer))
         self.schema = self.cache.schema
         self.prompt_len, self.top_k, self.required, self.max_calls = prompt_len, top_k, required, max_calls
 
@@ -393,8 +416,8 @@ class JsonReplyGuide:
     clean_schema; {"type": "object"}: any object), then the end token: the server's response_format
     json_object / json_schema."""
 
-    def __init__(self, tokenizer, schema, prompt_len, top_k=64, vocab_bytes=None):
-        self.cache = StateCache(clean_schema(schema), vocab_bytes if vocab_bytes is not None else token_bytes(tokenizer))
+    def __init__(self, tokenizer, schema, prompt_len, top_k=64):
+        self.cache = StateCache(clean_schema(schema), vocabulary(tokenizer))
         self.eos_id, self.prompt_len, self.top_k = tokenizer.eos_token_id, prompt_len, top_k
 
     def __call__(self, input_ids, scores):
