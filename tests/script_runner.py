@@ -2,7 +2,8 @@
 
 A server process (this file, started once) imports the heavy libraries and the project's modules, then for
 every request forks a fresh child that runs the script file as __main__ with the requested argv, working
-directory, stdin file, environment and (optionally) a file size limit. The child's stdout, stderr and exit
+directory, stdin file, environment (added to the server's, or with replace_env the whole of it) and
+(optionally) a file size limit. The child's stdout, stderr and exit
 status are the real ones of that run; an exception nobody catches prints its traceback and exits 1, exactly
 as `python script.py` does. The server itself never runs any model code, so the children start clean.
 
@@ -29,13 +30,13 @@ class WarmRunner:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def run(self, script, argv, cwd=ROOT, stdin=b"", env=None, fsize=None):
+    def run(self, script, argv, cwd=ROOT, stdin=b"", env=None, fsize=None, replace_env=False):
         with tempfile.TemporaryDirectory() as d:
             paths = {k: os.path.join(d, k) for k in ("stdin", "stdout", "stderr")}
             with open(paths["stdin"], "wb") as f:
                 f.write(stdin)
             request = {"script": os.path.join(ROOT, script), "argv": [str(a) for a in argv], "cwd": str(cwd),
-                       "env": env or {}, "fsize": fsize, **paths}
+                       "env": env or {}, "replace_env": replace_env, "fsize": fsize, **paths}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             returncode = json.loads(self.proc.stdout.readline())["returncode"]
@@ -61,6 +62,8 @@ def _child(req):
         sys.stdin = open(0, encoding="utf-8", closefd=False)
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
         sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
+        if req["replace_env"]:
+            os.environ.clear()
         os.environ.update(req["env"])
         if req["fsize"] is not None:  # writes past it fail with EFBIG (Python ignores SIGXFSZ)
             resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))

@@ -5,14 +5,13 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from dataset.lm_dataset import DataFormatError, DPODataset, PretrainDataset, SFTDataset, collate_fn, load_tokenizer
 from trainer.tokenizer_fingerprint import tokenizer_fingerprint
 from dataset.token_shards import TokenShardDataset
@@ -237,9 +236,7 @@ def test_arrow_dataset_in_dataloader_workers(tok, tmp_path):
 
 
 def run(script, *flags):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_script(script, *flags)
 
 
 def one_line_error(proc, *needles):

@@ -3,14 +3,12 @@ when a weight file meets another tokenizer, the note for a bare MiniMind2 .pth, 
 weights with tokenizers whose tags are one token (ours, MiniMind-3's <think>) or several (MiniMind2's)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import small_tokenizers
-from conftest import ROOT
+from conftest import ROOT, run_script
 from test_train import write_jsonl
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer.tokenizer_fingerprint import tokenizer_fingerprint
@@ -18,7 +16,6 @@ from trainer_utils import UserError, check_weight_tokenizer, load_weights, save_
 
 OURS = os.path.join(ROOT, "model")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +31,7 @@ def load(folder):
 
 
 def run(script, *flags):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True)
+    return run_script(script, *flags)
 
 
 def last_line_error(proc):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ON_CPU_AND_CUDA, ROOT
+from conftest import ON_CPU_AND_CUDA, ROOT, run_script
 
 TINY_FLAGS = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu",
               "--num_workers", "0", "--log_interval", "1", "--compile", "0"]  # compile is on by default on CUDA
@@ -16,9 +16,7 @@ SCRIPTS = ["train_pretrain.py", "train_full_sft.py", "train_lora.py", "train_dpo
 
 
 def run(script, *flags, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_script(script, *flags)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
