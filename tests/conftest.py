@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -36,18 +37,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 _warm_runner = None
+_warm_lock = threading.Lock()  # one run at a time: the runner answers requests in order
 
 
-def run_script(script, *flags, cwd=ROOT):
-    """`python {script} {flags}` with this process's environment (and PYTHONPATH=ROOT, OMP_NUM_THREADS=1), run
-    in a child forked from one warm process (tests/script_runner.py): the same run and exit status, without
-    paying 5-7 s of imports for each. -> Result(returncode, stdout, stderr)."""
+def run_script(script, *flags, cwd=ROOT, stdin="", env=None):
+    """`python {script} {flags}` with this process's environment (plus PYTHONPATH=ROOT, OMP_NUM_THREADS=1 and
+    `env`) and `stdin` piped in, run in a child forked from one warm process (tests/script_runner.py): the same
+    run and exit status, without paying 5-7 s of imports for each. -> Result(returncode, stdout, stderr)."""
     global _warm_runner
-    if _warm_runner is None:
-        from script_runner import WarmRunner
-        _warm_runner = WarmRunner()
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return _warm_runner.run(script, [str(f) for f in flags], cwd=cwd, env=env, replace_env=True)
+    with _warm_lock:
+        if _warm_runner is None:
+            from script_runner import WarmRunner
+            _warm_runner = WarmRunner()
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+        return _warm_runner.run(script, [str(f) for f in flags], cwd=cwd, stdin=stdin.encode("utf-8"), env=env,
+                                replace_env=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import run_script
 from model.model_lora import apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.convert_model import main as convert
@@ -205,6 +206,5 @@ def test_clear_errors(tmp_path, tokenizer, dense):
         assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
     # as a command: one line on stderr, exit status 1
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_model.py"), "--weight", str(tmp_path / "none.pth")],
-                       capture_output=True, text=True, timeout=120)
+    r = run_script("scripts/convert_model.py", "--weight", tmp_path / "none.pth")
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr

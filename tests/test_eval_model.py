@@ -1,6 +1,6 @@
 """eval_model.py end to end: tiny random checkpoints written into a temp out_dir with save_weights, the
-script run as a subprocess. The runs are started together (each one mostly spends its time importing
-torch and transformers) and every test waits for the ones it reads."""
+script run as its own process (forked from a warm one: conftest.run_script), and once on a pseudo-terminal
+as a fresh python. The runs are started together and every test waits for the ones it reads."""
 import concurrent.futures
 import hashlib
 import json
@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from conftest import run_script
 from eval_model import BOT, CHAT_PROMPTS, LORA_PROMPTS, PRETRAIN_PROMPTS, USER, get_args, prompt_ids
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -34,12 +35,13 @@ def sha(path):
 
 
 def cmd(out_dir, *flags):
-    return [sys.executable, os.path.join(ROOT, "eval_model.py"), "--out_dir", str(out_dir), "--dim", "64",
-            "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "8", *map(str, flags)]
+    """eval_model.py's flags for a run on the tiny checkpoints in out_dir."""
+    return ["--out_dir", str(out_dir), "--dim", "64", "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "8",
+            *map(str, flags)]
 
 
-def run(args, stdin=""):
-    return subprocess.run(args, input=stdin, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+def run(flags, stdin=""):
+    return run_script("eval_model.py", *flags, stdin=stdin, env={"NO_COLOR": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def tty_session(args):
     # Ctrl-C at its default, as a user's shell starts a program: a test run started in the background by a script
     # (`pytest &`) ignores SIGINT, and a child would inherit that and never see the Ctrl-C
     args = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-            "os.execv(sys.argv[1], sys.argv[1:])", *args]
+            "os.execv(sys.argv[1], sys.argv[1:])", sys.executable, os.path.join(ROOT, "eval_model.py"), *args]
     proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=ENV, close_fds=True)
     os.close(slave)
     seen = b""
@@ -233,7 +235,7 @@ def test_reason_reply_keeps_think_and_dims_it_on_a_terminal(capsys):
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tool_runs(tiny_chat_weight):
-    base = [sys.executable, os.path.join(ROOT, "eval_model.py"), "--out_dir", os.path.dirname(tiny_chat_weight), "--dim", "64",
+    base = ["--out_dir", os.path.dirname(tiny_chat_weight), "--dim", "64",
             "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "60", "--temperature", "0"]
     jobs = {
         "tools": base + ["--tools", "calculator", "--prompt", "What is 12*7?", "--prompt", "Say hi"],
@@ -275,7 +277,7 @@ def test_calls_are_guided_into_well_formed_json_unless_turned_off(broken_call_we
     """The model learned a call that is not JSON; by default the guide (trainer/tool_guide.py) makes it write a
     call the runner can check, and --guided_tool_calls 0 shows what it writes when left free."""
     from tiny_chat import BROKEN, BROKEN_REPLY
-    base = [sys.executable, os.path.join(ROOT, "eval_model.py"), "--out_dir", os.path.dirname(broken_call_weight), "--dim", "64",
+    base = ["--out_dir", os.path.dirname(broken_call_weight), "--dim", "64",
             "--n_layers", "2", "--device", "cpu", "--max_new_tokens", "40", "--temperature", "0", "--tools", "calculator",
             "--prompt", BROKEN, "--max_tool_rounds", "0", "--stream", "0"]
     free = ok(run(base + ["--guided_tool_calls", "0"]))

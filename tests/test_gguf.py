@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, minimind3_options
 from scripts.convert_model import main as convert
 from scripts.gguf_export import rotate_half_to_interleaved
@@ -151,8 +151,7 @@ def test_gguf_refuses_what_it_cannot_write_in_one_line(tmp_path, files):
     for flags, needle in [(["--weight", moe, "--gguf", str(tmp_path / "m.gguf")], "dense"),
                           (["--weight", files["llama"][0], "--gguf", existing], "--overwrite"),
                           (["--weight", files["llama"][0], "--gguf", str(tmp_path / "m.bin")], ".gguf")]:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_model.py"), *flags], cwd=ROOT,
-                              env=ENV, capture_output=True, text=True)
+        proc = run_script("scripts/convert_model.py", *flags)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and needle in last, last

@@ -6,15 +6,13 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_script
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, minimind3_options
-from trainer_utils import load_weights, model_config_from_args, save_weights
+from trainer_utils import load_weights, model_config_from_args
 
 ANCHOR = "/work/shared/anchor/minimind3/model/model_minimind.py"
 VOCAB = 300
@@ -186,11 +184,9 @@ def test_arch_flag_trains_minimind3_and_it_exports_as_qwen3(tmp_path):
     data = tmp_path / "pretrain.jsonl"
     data.write_text("".join(json.dumps({"text": "人工智能是计算机科学的一个分支。" * 3}, ensure_ascii=False) + "\n" for _ in range(8)),
                     encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_pretrain.py"), "--arch", "minimind3", "--dim", "64",
-                           "--n_layers", "2", "--device", "cpu", "--num_workers", "0", "--batch_size", "2", "--max_steps", "2",
-                           "--accumulation_steps", "1", "--max_seq_len", "32", "--data_path", str(data), "--out_dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_script("train_pretrain.py", "--arch", "minimind3", "--dim", "64", "--n_layers", "2", "--device", "cpu",
+                      "--num_workers", "0", "--batch_size", "2", "--max_steps", "2", "--accumulation_steps", "1",
+                      "--max_seq_len", "32", "--data_path", data, "--out_dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = str(tmp_path / "pretrain_64.pth")
     with open(path[:-4] + ".json") as f:
