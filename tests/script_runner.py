@@ -10,11 +10,14 @@ as `python script.py` does. The server itself never runs any model code, so the 
     runner = WarmRunner()
     result = runner.run("train_pretrain.py", ["--batch_size", "0"], cwd=ROOT)   # -> Result(returncode, stdout, stderr)
 """
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import namedtuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +33,9 @@ class WarmRunner:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def run(self, script, argv, cwd=ROOT, stdin=b"", env=None, fsize=None, replace_env=False):
+    def run(self, script, argv, cwd=ROOT, stdin=b"", env=None, fsize=None, replace_env=False, timeout=600):
+        """A run that has not ended after `timeout` seconds is killed and raises subprocess.TimeoutExpired (with
+        what it printed), as subprocess.run(timeout=...) does: a hung script fails its test, not the whole suite."""
         with tempfile.TemporaryDirectory() as d:
             paths = {k: os.path.join(d, k) for k in ("stdin", "stdout", "stderr")}
             with open(paths["stdin"], "wb") as f:
@@ -39,8 +44,23 @@ class WarmRunner:
                        "env": env or {}, "replace_env": replace_env, "fsize": fsize, **paths}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
-            returncode = json.loads(self.proc.stdout.readline())["returncode"]
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            killed = threading.Event()
+
+            def kill():
+                killed.set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            try:
+                returncode = json.loads(self.proc.stdout.readline())["returncode"]
+            finally:
+                timer.cancel()
             read = lambda k: open(paths[k], encoding="utf-8", errors="replace").read()  # noqa: E731
+            if killed.is_set():
+                raise subprocess.TimeoutExpired([script, *argv], timeout, read("stdout"), read("stderr"))
             return Result(returncode, read("stdout"), read("stderr"))
 
     def close(self):
@@ -103,6 +123,7 @@ def serve():
         pid = os.fork()
         if pid == 0:
             _child(req)
+        print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 
