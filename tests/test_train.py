@@ -337,6 +337,23 @@ def test_crash_mid_save_keeps_old_weight_file(tmp_path, monkeypatch):
     assert not any(".tmp" in f for f in os.listdir(tmp_path))
 
 
+def test_half_precision_weight_file_is_half_the_size_and_loads_back(tmp_path):
+    """--save_dtype float16 / bfloat16 halves the file: the tied embedding (lm_head) is stored once, as in float32,
+    and loads back tied, equal to the float32 weights up to the rounding."""
+    from trainer_utils import load_weights, save_weights
+    model = tiny_model()
+    size = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        save_weights(model, str(tmp_path / f"{dtype}_64.pth"), dtype)
+        size[dtype] = os.path.getsize(tmp_path / f"{dtype}_64.pth")
+    assert size["float16"] < 0.52 * size["float32"] and size["bfloat16"] < 0.52 * size["float32"], size
+    for dtype, tol in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        loaded = load_weights(str(tmp_path / f"{dtype}_64.pth"))
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.allclose(a, b.float(), atol=tol, rtol=tol), (dtype, name)
+
+
 def test_mismatched_weight_file_is_one_clear_error(tmp_path):
     import trainer_utils
     model = tiny_model()
