@@ -66,8 +66,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type="grpo", e
 def main():
     parser = build_parser("MiniMind GRPO / CISPO: reinforcement learning from rewards", out_weight="grpo", epochs=1,
                           batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl", data_column="conversations",
-                          from_weight="reason", log_interval=1, save_interval=50)
-    parser.set_defaults(num_workers=0)  # a prompt is cheap to read: no worker process needed
+                          from_weight="reason", log_interval=1, save_interval=50, num_workers=0)
     add_rollout_args(parser, num_generations=8)
     add_reward_args(parser, rewards="format,answer")
     g = parser.add_argument_group("GRPO")

@@ -100,8 +100,7 @@ def main():
                           "--log_interval, --save_interval) is one rollout batch of --batch_size prompts and its passes.",
                           out_weight="ppo", epochs=1,
                           batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl", data_column="conversations",
-                          from_weight="reason", log_interval=1, save_interval=50)
-    parser.set_defaults(num_workers=0)  # a prompt is cheap to read: no worker process needed
+                          from_weight="reason", log_interval=1, save_interval=50, num_workers=0)
     add_rollout_args(parser, num_generations=1)
     add_reward_args(parser, rewards="format,answer")
     g = parser.add_argument_group("PPO")

@@ -34,9 +34,10 @@ MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_
 
 def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, max_seq_len, data_path,
                  accumulation_steps=1, log_interval=100, save_interval=100, from_weight=None, packing=False,
-                 data_column=None):
+                 data_column=None, num_workers=None):
     """The flags every stage shares, with MiniMind2's names and this stage's defaults. Stages add their own.
-    data_column="text" adds --text_column, for a corpus that names the column the stage reads differently."""
+    data_column="text" adds --text_column, for a corpus that names the column the stage reads differently.
+    num_workers=0: the stage reads data too cheap to need DataLoader workers (RL prompts)."""
     p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512, help="hidden size (512: 26M, 768: 104M, 640 + --use_moe: 145M)")
@@ -64,10 +65,12 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     if data_column:
         g.add_argument(f"--{data_column}_column", default=data_column,
                        help=f'the key / column that holds "{data_column}", if the data names it differently')
-    g.add_argument("--num_workers", type=nonneg_int, default=None,
-                   help="DataLoader worker processes (unset: 1 on the CPU; on CUDA 8, or the CPU cores per process if "
-                        "fewer: samples are tokenized as they are read, and 4 workers left a compiled 26M run on an H200 "
-                        "waiting for data a quarter of the time)")
+    g.add_argument("--num_workers", type=nonneg_int, default=num_workers,
+                   help="DataLoader worker processes " + (
+                       "(the prompts are cheap to read: no worker process needed)" if num_workers is not None else
+                       "(unset: 1 on the CPU; on CUDA 8, or the CPU cores per process if fewer: samples are tokenized "
+                       "as they are read, and 4 workers left a compiled 26M run on an H200 waiting for data a quarter "
+                       "of the time)"))
     add_bool(g, "--skip_bad_lines", help="skip malformed data lines (and report how many) instead of stopping")
     if packing:
         add_bool(g, "--packing", help="pack several samples per row (attention and positions restart per sample): "
