@@ -86,7 +86,7 @@ def load_teacher(args, ctx):
 def main():
     parser = build_parser("MiniMind white-box knowledge distillation", out_weight="full_dist", epochs=6, batch_size=32,
                           learning_rate=5e-6, max_seq_len=512, data_path="dataset/sft_mini_512.jsonl",
-                          from_weight="full_sft", packing=True)
+                          from_weight="full_sft", packing=True, data_column="conversations")
     g = parser.add_argument_group("distillation (the student is --from_weight at --dim/--n_layers/--use_moe)")
     g.add_argument("--teacher_weight", default="full_sft",
                    help="the frozen teacher: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason) or a .pth path")
@@ -103,7 +103,8 @@ def main():
         raise UserError(f"--temperature {args.temperature}: must be above 0")
     ctx = Context(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
-    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    dataset = SFTDataset(args.data_path, tokenizer, max_length=args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                         conversations_column=args.conversations_column)
     model = load_from_weight(args)
     teacher, teacher_path = load_teacher(args, ctx)
     if teacher.config.vocab_size != model.config.vocab_size:

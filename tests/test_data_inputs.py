@@ -337,7 +337,8 @@ def test_pretraining_on_jsonl_parquet_and_shards_gives_the_same_losses(tok, tmp_
     assert len(losses[0]) == 3 and losses[0] == losses[1] == losses[2]
 
 
-@pytest.mark.parametrize("script,flag", [("train_pretrain.py", "--text_column"), ("train_lora.py", "--conversations_column")])
+@pytest.mark.parametrize("script,flag", [("train_pretrain.py", "--text_column"), ("train_lora.py", "--conversations_column"),
+                                         ("train_distillation.py", "--conversations_column")])
 def test_help_names_the_inputs_and_the_column_flag(script, flag):
     out = run(script, "--help").stdout
     assert flag in out and "parquet" in out and "save_to_disk" in out

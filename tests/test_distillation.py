@@ -1,6 +1,7 @@
 """train_distillation.py: the loss (by hand, at its limits, masked to the assistant's tokens, chunked), the
 frozen teacher, one-line errors, 2-process gloo DDP and resume."""
 import copy
+import json
 import math
 import os
 import shutil
@@ -217,6 +218,20 @@ def test_alpha_one_trains_exactly_like_train_full_sft(files, tmp_path):
     run("train_distillation.py", *flags, "--teacher_dim", "64", "--out_dir", out_kd, "--alpha", "1")
     a = torch.load(f"{out_sft}/ce_only_32.pth", weights_only=True)
     b = torch.load(f"{out_kd}/full_dist_32.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_conversations_column_reads_a_corpus_that_names_it_otherwise(files, tmp_path):
+    """The same lines under "messages", read with --conversations_column messages: the same student."""
+    with open(files["sft"], encoding="utf-8") as f:
+        rows = [{"messages": json.loads(line)["conversations"]} for line in f]
+    renamed = write_jsonl(tmp_path / "messages.jsonl", rows)
+    flags = [*KD, "--batch_size", "4", "--max_steps", "2"]
+    out_a, out_b = fresh_out(files, tmp_path / "a"), fresh_out(files, tmp_path / "b")
+    run("train_distillation.py", *flags, "--out_dir", out_a, "--data_path", files["sft"])
+    run("train_distillation.py", *flags, "--out_dir", out_b, "--data_path", renamed, "--conversations_column", "messages")
+    a = torch.load(f"{out_a}/full_dist_32.pth", weights_only=True)
+    b = torch.load(f"{out_b}/full_dist_32.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
