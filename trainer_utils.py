@@ -241,9 +241,12 @@ def save_weights(model, path, dtype="float32", tokenizer_path=None):
     records the tokenizer they belong to; the pair is replaced together only once both are written, so a
     failed save leaves the previous pair as it was."""
     model = unwrap(model)
-    cast = {}  # tensors sharing memory (the tied embed_tokens / lm_head) stay one tensor, so the file holds it once
-    sd = {k: cast.setdefault((v.data_ptr(), v.shape), v.detach().to("cpu", getattr(torch, dtype)))
-          for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("lora_")}
+    sd, cast = {}, {}  # tensors sharing memory (the tied embed_tokens / lm_head) are cast once and stored once
+    for k, v in model.state_dict().items():
+        if not k.rsplit(".", 1)[-1].startswith("lora_"):
+            if (v.data_ptr(), v.shape) not in cast:
+                cast[v.data_ptr(), v.shape] = v.detach().to("cpu", getattr(torch, dtype))
+            sd[k] = cast[v.data_ptr(), v.shape]
     config = json.loads(model.config.to_json_string(use_diff=False))
     if tokenizer_path is not None:
         config["tokenizer"] = tokenizer_record_of(tokenizer_path)
