@@ -16,6 +16,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TOKENIZER = os.path.join(ROOT, "model")
+SESSION_ENV = dict(os.environ)  # before any test's monkeypatch: the warm runner starts from this, whichever test starts it
 
 # Tests of what must also hold on a GPU take a `device` argument: the "cpu" case runs everywhere, the "cuda"
 # case carries the `cuda` marker, is skipped (with the reason) on a machine without a GPU, and is what
@@ -37,21 +38,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 _warm_runner = None
-_warm_lock = threading.Lock()  # one run at a time: the runner answers requests in order
+_warm_runner_lock = threading.Lock()
+
+
+def warm_runner():
+    """The session's one WarmRunner (tests/script_runner.py), started on first use."""
+    global _warm_runner
+    with _warm_runner_lock:
+        if _warm_runner is None:
+            from script_runner import WarmRunner
+            _warm_runner = WarmRunner(SESSION_ENV)
+        return _warm_runner
 
 
 def run_script(script, *flags, cwd=ROOT, stdin="", env=None):
     """`python {script} {flags}` with this process's environment (plus PYTHONPATH=ROOT, OMP_NUM_THREADS=1 and
     `env`) and `stdin` piped in, run in a child forked from one warm process (tests/script_runner.py): the same
     run and exit status, without paying 5-7 s of imports for each. -> Result(returncode, stdout, stderr)."""
-    global _warm_runner
-    with _warm_lock:
-        if _warm_runner is None:
-            from script_runner import WarmRunner
-            _warm_runner = WarmRunner()
-        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
-        return _warm_runner.run(script, [str(f) for f in flags], cwd=cwd, stdin=stdin.encode("utf-8"), env=env,
-                                replace_env=True)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    return warm_runner().run(script, [str(f) for f in flags], cwd=cwd, stdin=stdin.encode("utf-8"), env=env,
+                             replace_env=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

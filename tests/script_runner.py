@@ -27,16 +27,18 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": 
 
 
 class WarmRunner:
-    def __init__(self):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    def __init__(self, base_env=None):
+        """base_env (default: this process's environment now): what the server and its children start from."""
+        env = {k: v for k, v in (base_env or os.environ).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env={**env, **ENV},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
+        self.lock = threading.Lock()  # one run at a time: the server answers requests in order
 
     def run(self, script, argv, cwd=ROOT, stdin=b"", env=None, fsize=None, replace_env=False, timeout=600):
         """A run that has not ended after `timeout` seconds is killed and raises subprocess.TimeoutExpired (with
         what it printed), as subprocess.run(timeout=...) does: a hung script fails its test, not the whole suite."""
-        with tempfile.TemporaryDirectory() as d:
+        with self.lock, tempfile.TemporaryDirectory() as d:
             paths = {k: os.path.join(d, k) for k in ("stdin", "stdout", "stderr")}
             with open(paths["stdin"], "wb") as f:
                 f.write(stdin)

@@ -21,8 +21,8 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import ROOT
-from script_runner import ENV, Result, WarmRunner
+from conftest import ROOT, warm_runner
+from script_runner import ENV, Result
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu"]
 TINY_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -52,9 +52,7 @@ def tiny_model(seed):
 
 @pytest.fixture(scope="module")
 def runner():
-    r = WarmRunner()
-    yield r
-    r.close()
+    return warm_runner()
 
 
 @pytest.fixture(scope="module")
