@@ -49,6 +49,9 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--arch", default="minimind2", choices=["minimind2", "minimind3"],
                    help="architecture of a new model: MiniMind2's, or MiniMind-3's (QK-norm, FFN 64*ceil(pi*dim/64), "
                         "4 KV heads, eps 1e-6, top-1 MoE); a loaded weight file keeps its own")
+    add_bool(g, "--smeared_keys", help="a new model whose keys mix in the previous token's key, so that in-context "
+                                       "copying forms in hundreds of steps, not thousands (not Llama: exports need "
+                                       "trust_remote_code; see the README, 'Smeared keys'); a loaded weight file keeps its own")
     g.add_argument("--max_seq_len", type=int_in(2), default=max_seq_len,
                    help="tokens per sample (at least 2: one to read, one to predict); longer samples are truncated")
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
@@ -115,7 +118,7 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
 def model_config_from_args(args) -> MiniMindConfig:
     options = minimind3_options(args.dim) if getattr(args, "arch", "minimind2") == "minimind3" else {}
     options.update(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                   use_moe=args.use_moe, dropout=args.dropout)
+                   use_moe=args.use_moe, dropout=args.dropout, smeared_keys=bool(getattr(args, "smeared_keys", False)))
     if args.n_kv_heads is not None:  # None: the architecture's own (MiniMind2 2, MiniMind-3 4)
         options["num_key_value_heads"] = args.n_kv_heads
     try:
@@ -304,6 +307,7 @@ def load_weights(path, args=None, what_makes_it=None, dropout=0.0):
                       f"n_layers={config.num_hidden_layers} use_moe={int(config.use_moe)}, sizes read from the weights)", flush=True)
         else:
             config = model_config_from_args(args)
+            config.smeared_keys = any(k.endswith("self_attn.key_smear") for k in sd)  # the weights say which
     else:
         raise UserError(f"{cfg_path} not found: cannot tell the model size of {path}; pass --dim/--n_layers/--use_moe")
     sd = sd if sd is not None else _read_state_dict(path, fix)

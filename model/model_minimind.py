@@ -1,6 +1,6 @@
 """MiniMind: the one decoder-only Transformer every stage trains.
 
-Reads top to bottom: config -> RMSNorm -> RoPE (+YaRN) -> attention (GQA, SDPA, KV cache) -> SwiGLU
+Reads top to bottom: config -> RMSNorm -> RoPE (+YaRN) -> attention (GQA, SDPA, KV cache, smeared keys) -> SwiGLU
 feed-forward -> MoE (switched on by `use_moe`) -> block -> model -> causal LM head + generation.
 
 Parameter names follow transformers' Llama (model.embed_tokens, model.layers.N.self_attn.q_proj, ...),
@@ -45,6 +45,10 @@ class MiniMindConfig(PretrainedConfig):
         intermediate_size: int | None = None,  # None: 64 * ceil(8 * hidden / 3 / 64), 1408 at 512
         head_dim: int | None = None,  # None: hidden_size / num_attention_heads
         qk_norm: bool = False,  # RMSNorm on each head's queries and keys before RoPE (MiniMind-3, Qwen3)
+        # Each key a learned mix of its own token's key and the previous token's (Olsson et al. 2022's "smeared
+        # keys"): one attention layer can then find "the token after an earlier copy of this one", the induction
+        # head that in-context copying needs. Not Llama: off by default. See the README, "Smeared keys".
+        smeared_keys: bool = False,
         vocab_size: int = 6400,
         max_position_embeddings: int = 32768,
         rms_norm_eps: float = 1e-5,
@@ -85,6 +89,7 @@ class MiniMindConfig(PretrainedConfig):
                              f"hidden_size={hidden_size} (or set head_dim)")
         self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
         self.qk_norm = qk_norm
+        self.smeared_keys = smeared_keys
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
@@ -138,7 +143,8 @@ class MiniMindConfig(PretrainedConfig):
                 bad(field, "must be positive" if low is not None else "must not be negative")
         if self.dropout >= 1:
             bad("dropout", "must be below 1")
-        for field in ("use_moe", "flash_attn", "seq_aux", "norm_topk_prob", "norm_top1_prob", "qk_norm", "inference_rope_scaling"):
+        for field in ("use_moe", "flash_attn", "seq_aux", "norm_topk_prob", "norm_top1_prob", "qk_norm", "smeared_keys",
+                      "inference_rope_scaling"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be true or false")
         if self.hidden_act != "silu":
@@ -169,15 +175,15 @@ class MiniMindConfig(PretrainedConfig):
     def to_llama_config(self):
         """The transformers LlamaConfig whose LlamaForCausalLM takes a dense MiniMind state dict as is."""
         from transformers import LlamaConfig
-        if self.use_moe or self.yarn_scaling or self.qk_norm:
-            raise ValueError("only a dense model without YaRN or QK-norm maps onto LlamaForCausalLM")
+        if self.use_moe or self.yarn_scaling or self.qk_norm or self.smeared_keys:
+            raise ValueError("only a dense model without YaRN, QK-norm or smeared keys maps onto LlamaForCausalLM")
         return LlamaConfig(**self._dense_hf_fields(), mlp_bias=False)
 
     def to_qwen3_config(self):
         """The transformers Qwen3Config whose Qwen3ForCausalLM takes a dense QK-norm (MiniMind-3) state dict as is."""
         from transformers import Qwen3Config
-        if self.use_moe or self.yarn_scaling or not self.qk_norm:
-            raise ValueError("only a dense model with QK-norm and without YaRN maps onto Qwen3ForCausalLM")
+        if self.use_moe or self.yarn_scaling or self.smeared_keys or not self.qk_norm:
+            raise ValueError("only a dense model with QK-norm and without YaRN or smeared keys maps onto Qwen3ForCausalLM")
         return Qwen3Config(**self._dense_hf_fields(), use_sliding_window=False)
 
 
@@ -312,13 +318,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        if config.smeared_keys:  # per KV head: the share of a key that is its own token's is sigmoid(key_smear)
+            self.key_smear = nn.Parameter(torch.zeros(self.n_kv_heads))
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, attn_mask=None, past_key_value=None):
+    def forward(self, x, cos, sin, attn_mask=None, past_key_value=None, key_starts=None):
         """attn_mask: None (plain causal), a bool [B, 1, Tq, Tk] mask, True where attention is allowed, or a
         FlexAttention BlockMask (packed training on CUDA).
-        past_key_value: None, a (k, v) tuple, or a transformers Cache. Returns (out, (k, v))."""
+        past_key_value: None, a (k, v) tuple, or a transformers Cache. Returns (out, (k, v)).
+        key_starts: bool [B, Tk], True where a key has no previous token in its document (smeared keys only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -331,7 +340,9 @@ class Attention(nn.Module):
             k, v = past_key_value.update(k, v, self.layer_idx)
         elif past_key_value is not None:
             k, v = torch.cat([past_key_value[0], k], dim=2), torch.cat([past_key_value[1], v], dim=2)
-        present = (k, v)
+        present = (k, v)  # the cache keeps plain keys; each step smears the whole key sequence again
+        if key_starts is not None:
+            k = smear_keys(k, key_starts, self.key_smear)
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(attn_mask, BlockMask):
             out = packed_flex_attention(q, k, v, attn_mask)
@@ -346,6 +357,28 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.o_proj(out)), present
+
+
+def smear_keys(k, key_starts, smear_logit):
+    """k [B, H, Tk, D] (after RoPE) -> a * k_j + (1 - a) * k_{j-1} per head, a = sigmoid(smear_logit); a key
+    with no previous token in its document (key_starts) stays as it is."""
+    a = torch.sigmoid(smear_logit).view(1, -1, 1, 1).to(k.dtype)
+    prev = torch.cat([k[:, :, :1], k[:, :, :-1]], dim=2)
+    prev = torch.where(key_starts[:, None, :, None], k, prev)
+    return a * k + (1 - a) * prev
+
+
+def document_key_starts(attention_mask, position_ids, k_len, packed):
+    """bool [B, Tk]: True for keys with no previous token of their own document. A packed row restarts its
+    positions at each document; a left-padded row starts at its first real token."""
+    if packed:
+        return position_ids == 0
+    if attention_mask is not None:
+        real = attention_mask[:, :k_len].bool()
+        return ~torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
+    starts = torch.zeros(position_ids.shape[0], k_len, dtype=torch.bool, device=position_ids.device)
+    starts[:, 0] = True
+    return starts
 
 
 class FeedForward(nn.Module):
@@ -438,8 +471,8 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MOEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, h, cos, sin, attn_mask=None, past_key_value=None):
-        attn_out, present = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, past_key_value)
+    def forward(self, h, cos, sin, attn_mask=None, past_key_value=None, key_starts=None):
+        attn_out, present = self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, past_key_value, key_starts)
         h = h + attn_out
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, present
@@ -542,10 +575,12 @@ class MiniMindModel(nn.Module):
                 and can_compile_for_cuda() and not (self.training and self.config.dropout > 0))
         mask = document_block_mask(position_ids) if flex else build_attention_mask(attention_mask, position_ids, T, past_len, packed)
         cos, sin = rope_cos_sin(position_ids, self.config)
+        key_starts = (document_key_starts(attention_mask, position_ids, past_len + T, packed)
+                      if self.config.smeared_keys else None)
         h = self.dropout(self.embed_tokens(input_ids))
         presents = []
         for layer, past in zip(self.layers, layer_pasts):
-            h, present = layer(h, cos, sin, mask, past)
+            h, present = layer(h, cos, sin, mask, past, key_starts)
             presents.append(present)
         aux_loss = sum((l.mlp.aux_loss for l in self.layers if isinstance(l.mlp, MOEFeedForward)), h.new_zeros(()))
         return self.norm(h), presents, aux_loss
@@ -580,6 +615,20 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.ones_(module.weight)
         elif isinstance(module, MoEGate):
             nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, Attention) and self.config.smeared_keys:
+            # After its projections (apply() visits children first): start each head as a copier, so that
+            # in-context copying needs hundreds of steps, not thousands. Queries equal keys (a token attends to
+            # keys that look like itself: the mimetic initialisation of Trockman and Kolter, 2023), the output
+            # writes back what the values read (o = v^T, and the embedding is tied to the LM head), and keys
+            # start mostly the previous token's (sigmoid(-2) = 0.12 own): attend to the token after an earlier
+            # copy of this one, and predict it.
+            with torch.no_grad():
+                rep = module.n_heads // module.n_kv_heads
+                def per_query_head(w):
+                    return w.view(module.n_kv_heads, 1, module.head_dim, -1).expand(-1, rep, -1, -1).reshape(module.q_proj.weight.shape)
+                module.q_proj.weight.copy_(per_query_head(module.k_proj.weight))
+                module.o_proj.weight.copy_(per_query_head(module.v_proj.weight).t())
+                module.key_smear.fill_(-2.0)
 
     def post_init(self):
         for name, module in self.named_modules():

@@ -109,8 +109,8 @@ def load_native(args):
 # ----------------------------------------------------------------------------------------------------
 def hf_kind(config: MiniMindConfig) -> str:
     """The transformers class a model maps onto: "llama" (MiniMind2 dense), "qwen3" (dense with QK-norm,
-    MiniMind-3), or "minimind" (MoE or YaRN: our own code, trust_remote_code)."""
-    if config.use_moe or config.yarn_scaling:
+    MiniMind-3), or "minimind" (MoE, YaRN or smeared keys: our own code, trust_remote_code)."""
+    if config.use_moe or config.yarn_scaling or config.smeared_keys:
         return "minimind"
     return "qwen3" if config.qk_norm else "llama"
 

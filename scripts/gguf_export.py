@@ -89,8 +89,9 @@ def write_gguf(model, tokenizer, path, qtype="f16", name=None):
     """Write `model` (a dense MiniMindForCausalLM) and `tokenizer` (a transformers fast tokenizer) to `path`."""
     import gguf
     config = model.config
-    if config.use_moe or config.yarn_scaling:
-        raise GGUFExportError("GGUF export writes dense models without YaRN only (this one is MoE or uses YaRN); "
+    if config.use_moe or config.yarn_scaling or config.smeared_keys:
+        raise GGUFExportError("GGUF export writes dense models without YaRN or smeared keys only (this one is MoE, "
+                              "uses YaRN or smears its keys: llama.cpp has no such layer); "
                               "export it as a transformers folder (--save_dir) instead")
     if qtype not in QUANT_TYPES:
         raise GGUFExportError(f"--gguf_type {qtype!r}: choose one of {', '.join(QUANT_TYPES)}")

@@ -27,9 +27,9 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
-def make_checkpoint(out_dir, tokenizer, moe=False, stage="full_sft", seed=0):
+def make_checkpoint(out_dir, tokenizer, moe=False, stage="full_sft", seed=0, smeared_keys=False):
     torch.manual_seed(seed)
-    model = MiniMindForCausalLM(MiniMindConfig(**TINY, vocab_size=len(tokenizer), use_moe=moe))
+    model = MiniMindForCausalLM(MiniMindConfig(**TINY, vocab_size=len(tokenizer), use_moe=moe, smeared_keys=smeared_keys))
     path = weight_path(str(out_dir), stage, DIM, moe)
     save_weights(model, path)
     return path
@@ -97,9 +97,9 @@ def test_dense_export_is_plain_llama_with_same_logits_and_greedy_tokens(dense, t
     assert tok2.eos_token_id == 2 and tok2.pad_token_id == 0
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_export_then_import_round_trips_the_state_dict_exactly(tmp_path, tokenizer, moe):
-    path = make_checkpoint(tmp_path, tokenizer, moe=moe, seed=3)
+@pytest.mark.parametrize("variant", ["dense", "moe", "smeared_keys"])
+def test_export_then_import_round_trips_the_state_dict_exactly(tmp_path, tokenizer, variant):
+    path = make_checkpoint(tmp_path, tokenizer, moe=variant == "moe", seed=3, smeared_keys=variant == "smeared_keys")
     save_dir, back = str(tmp_path / "hf"), str(tmp_path / "back" / "full_sft_64.pth")
     convert(["--weight", path, "--tokenizer_path", TOKENIZER, "--save_dir", save_dir])
     convert(["--to_native", "--model_path", save_dir, "--weight", back])
@@ -110,14 +110,16 @@ def test_export_then_import_round_trips_the_state_dict_exactly(tmp_path, tokeniz
     with open(path[:-4] + ".json") as f, open(back[:-4] + ".json") as g:
         ca, cb = json.load(f), json.load(g)
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-              "vocab_size", "rope_theta", "rms_norm_eps", "use_moe"):
+              "vocab_size", "rope_theta", "rms_norm_eps", "use_moe", "smeared_keys"):
         assert ca[k] == cb[k], k
     load_weights(back)  # the trainers' strict loader takes it
 
 
-def test_moe_export_loads_with_remote_code_in_a_clean_process(tmp_path, tokenizer, dense):
-    """The copied model_minimind.py must import on its own: load in a fresh interpreter, outside the repo."""
-    path = make_checkpoint(tmp_path, tokenizer, moe=True, seed=1)
+@pytest.mark.parametrize("variant", ["moe", "smeared_keys"])
+def test_minimind_code_export_loads_with_remote_code_in_a_clean_process(tmp_path, tokenizer, dense, variant):
+    """MoE and smeared keys have no transformers class: the export carries model_minimind.py, which must import on
+    its own: load in a fresh interpreter, outside the repo."""
+    path = make_checkpoint(tmp_path, tokenizer, moe=variant == "moe", seed=1, smeared_keys=variant == "smeared_keys")
     save_dir = str(tmp_path / "hf_moe")
     convert(["--weight", path, "--tokenizer_path", TOKENIZER, "--save_dir", save_dir])
     with open(os.path.join(save_dir, "config.json")) as f:

@@ -147,8 +147,11 @@ def test_gguf_refuses_what_it_cannot_write_in_one_line(tmp_path, files):
     moe = str(tmp_path / "full_sft_64_moe.pth")
     torch.manual_seed(0)
     save_weights(MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, use_moe=True)), moe)
+    smeared = str(tmp_path / "full_sft_64.pth")
+    save_weights(MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, smeared_keys=True)), smeared)
     existing = files["llama"][2]["f32"]
     for flags, needle in [(["--weight", moe, "--gguf", str(tmp_path / "m.gguf")], "dense"),
+                          (["--weight", smeared, "--gguf", str(tmp_path / "m.gguf")], "smeared keys"),
                           (["--weight", files["llama"][0], "--gguf", existing], "--overwrite"),
                           (["--weight", files["llama"][0], "--gguf", str(tmp_path / "m.bin")], ".gguf")]:
         proc = run_script("scripts/convert_model.py", *flags)

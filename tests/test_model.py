@@ -5,12 +5,20 @@ import torch.nn.functional as F
 
 from conftest import ON_CPU_AND_CUDA
 from model.model_lora import LoRAError, apply_lora, load_lora, merge_lora, save_lora, unmerge_lora
-from model.model_minimind import (PRESETS, MiniMindConfig, MiniMindForCausalLM, count_parameters, output_cache,
-                                  sample_next_token, stream_text)
+from model.model_minimind import (PRESETS, MiniMindConfig, MiniMindForCausalLM, count_parameters, document_key_starts,
+                                  output_cache, sample_next_token, smear_keys, stream_text)
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
             max_position_embeddings=256)
 TINY_MOE = dict(TINY, use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+
+
+# smeared keys (each key mixed with the previous token's) change what the cache and the masks must get right
+VARIANTS = ["dense", "moe", "smeared_keys"]
+
+
+def tiny_variant(variant, seed=0):
+    return tiny(variant == "moe", seed=seed, smeared_keys=variant == "smeared_keys")
 
 
 def tiny(moe=False, seed=0, **kw):
@@ -34,9 +42,9 @@ def test_parameter_counts(preset, expected):
     assert abs(count_parameters(model) - expected) < 0.05e6
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_causality(moe):
-    model = tiny(moe)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality(variant):
+    model = tiny_variant(variant)
     x = torch.randint(3, 300, (2, 16))
     y = x.clone()
     y[:, 9] = (y[:, 9] + 7) % 300
@@ -47,9 +55,9 @@ def test_causality(moe):
 
 
 @ON_CPU_AND_CUDA
-@pytest.mark.parametrize("moe", [False, True])
-def test_cached_decoding_equals_full_forward(moe, device):
-    model = tiny(moe).to(device)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_equals_full_forward(variant, device):
+    model = tiny_variant(variant).to(device)
     x = torch.randint(3, 300, (2, 20)).to(device)
     # float32 on both; CUDA's matmul and attention kernels block the sums differently for 1 and 20 query rows
     tol = 1e-5 if device == "cpu" else 1e-4
@@ -82,9 +90,9 @@ def test_gqa_equals_mha_with_repeated_kv():
     assert torch.allclose(gqa(x).logits, mha(x).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_left_padded_batch_generation_equals_single(moe):
-    model = tiny(moe, seed=1)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_generation_equals_single(variant):
+    model = tiny_variant(variant, seed=1)
     prompts = [torch.randint(3, 300, (n,)) for n in (5, 9)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(2, width, dtype=torch.long)
@@ -100,9 +108,9 @@ def test_left_padded_batch_generation_equals_single(moe):
 
 
 @ON_CPU_AND_CUDA
-@pytest.mark.parametrize("moe", [False, True])
-def test_generate_with_and_without_cache(moe, device):
-    model = tiny(moe, seed=2).to(device)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_with_and_without_cache(variant, device):
+    model = tiny_variant(variant, seed=2).to(device)
     x = torch.randint(3, 300, (1, 6)).to(device)
     a = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0)
     b = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0)
@@ -213,14 +221,42 @@ def test_bad_config_names_the_field(field, kw):
         MiniMindConfig(**kw)
 
 
-def test_packed_documents_do_not_attend_across():
-    model = tiny()
+@pytest.mark.parametrize("smeared_keys", [False, True])
+def test_packed_documents_do_not_attend_across(smeared_keys):
+    model = tiny(smeared_keys=smeared_keys)
     a, b = torch.randint(3, 300, (1, 7)), torch.randint(3, 300, (1, 5))
     packed = torch.cat([a, b], dim=1)
     pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
     out = model(packed, position_ids=pos, packed=True).logits
     assert torch.allclose(out[:, :7], model(a).logits, atol=1e-5)
     assert torch.allclose(out[:, 7:], model(b).logits, atol=1e-5)
+
+
+def test_smeared_keys_mix_in_the_previous_token_and_start_as_a_copier():
+    model = tiny(smeared_keys=True)
+    # the previous token changes the keys of the next: with the mix switched off (own key only), it does not
+    x = torch.randint(3, 300, (1, 10))
+    y = x.clone()
+    y[0, 4] = (y[0, 4] + 1) % 300
+    attn = model.model.layers[0].self_attn
+    def keys(ids, own_only=False):
+        captured = {}
+        hook = attn.register_forward_hook(lambda m, a, out: captured.update(k=out[1][0]))
+        with torch.no_grad():
+            model(ids)
+            hook.remove()
+            k = captured["k"]  # the cache's plain keys, after RoPE
+            logit = torch.full_like(attn.key_smear, 30.0) if own_only else attn.key_smear
+            return smear_keys(k, document_key_starts(None, torch.arange(10)[None], 10, False), logit)
+    assert not torch.allclose(keys(x)[:, :, 5], keys(y)[:, :, 5], atol=1e-4)
+    assert torch.allclose(keys(x, own_only=True)[:, :, 5], keys(y, own_only=True)[:, :, 5], atol=1e-5)
+    # a new model's heads start as copiers: queries = keys, output = values transposed, keys mostly the previous token's
+    rep = attn.n_heads // attn.n_kv_heads
+    k_per_q = attn.k_proj.weight.view(attn.n_kv_heads, 1, attn.head_dim, -1).expand(-1, rep, -1, -1).reshape(attn.q_proj.weight.shape)
+    v_per_q = attn.v_proj.weight.view(attn.n_kv_heads, 1, attn.head_dim, -1).expand(-1, rep, -1, -1).reshape(attn.q_proj.weight.shape)
+    assert torch.equal(attn.q_proj.weight, k_per_q) and torch.equal(attn.o_proj.weight, v_per_q.t())
+    assert torch.allclose(torch.sigmoid(attn.key_smear), torch.tensor(0.1192), atol=1e-4)
+    assert "self_attn.key_smear" not in " ".join(tiny().state_dict())  # off by default: the Llama layout
 
 
 def random_documents(batch, length, seed):

@@ -1,4 +1,5 @@
 """Training stages: the chain, DDP parity, resume, each stage's loss, and the errors users hit."""
+import argparse
 import json
 import math
 import os
@@ -145,6 +146,27 @@ def test_moe_pretrain_runs(data, tmp_path):
     assert os.path.exists(f"{out}/pretrain_64_moe.pth")
     log = read_log(out, "pretrain_64_moe.jsonl")
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_smeared_keys_model_trains_and_the_next_stage_keeps_it(data, tmp_path):
+    out = str(tmp_path / "out")
+    run("train_pretrain.py", *TINY_FLAGS, "--smeared_keys", "1", "--out_dir", out, "--max_seq_len", "32",
+        "--batch_size", "4", "--data_path", data["pretrain"], "--stop_at_step", "3")
+    run("train_full_sft.py", *TINY_FLAGS, "--out_dir", out, "--max_seq_len", "64", "--batch_size", "4",
+        "--data_path", data["sft"], "--stop_at_step", "2")  # no flag: the weight file's .json says what it is
+    for stage in ("pretrain", "full_sft"):
+        with open(f"{out}/{stage}_64.json") as f:
+            assert json.load(f)["smeared_keys"] is True
+    assert all(math.isfinite(r["loss"]) for r in read_log(out, "full_sft_64.jsonl"))
+    from trainer_utils import load_weights
+    sft = load_weights(f"{out}/full_sft_64.pth").eval()
+    assert sft.config.smeared_keys and hasattr(sft.model.layers[0].self_attn, "key_smear")
+    # a bare .pth (its .json lost): the weights tell the loader the keys are smeared
+    os.remove(f"{out}/full_sft_64.json")
+    args = argparse.Namespace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, use_moe=False, dropout=0.0)
+    bare = load_weights(f"{out}/full_sft_64.pth", args).eval()
+    x = torch.randint(3, 300, (1, 12))
+    assert torch.equal(bare(x).logits, sft(x).logits)
 
 
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
