@@ -34,7 +34,7 @@ from trainer.tools import TOOLS, run_tool_call  # noqa: E402  (the tool-use data
 
 DEFAULT_OUT = os.path.join(ROOT, "dataset", "demo")
 SIZES = dict(  # default line counts; each is a --flag (pretrain_tools, _records, _arith: see pretrain_mix())
-    pretrain_eval=200, pretrain_tools=3000, pretrain_records=1000, pretrain_arith=1000, sft=4000, sft_eval=200, sft_tools=150, tool_eval=100, dpo=1000, dpo_eval=200, r1=1200, r1_eval=200,
+    pretrain_eval=200, pretrain_tools=3000, pretrain_records=1000, pretrain_arith=1000, pretrain_drills=0, sft=4000, sft_eval=200, sft_tools=150, tool_eval=100, dpo=1000, dpo_eval=200, r1=1200, r1_eval=200,
     lora_identity=800, lora_identity_eval=60, lora_medical=400, rlaif=1000, rlaif_eval=200,
 )
 FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
@@ -145,7 +145,7 @@ def take(docs, rng, max_chars):
     return keep
 
 
-def build_pretrain(rng, n_eval, zh_chars=0, en_chars=0, n_tools=0, n_records=0, n_arith=0):
+def build_pretrain(rng, n_eval, zh_chars=0, en_chars=0, n_tools=0, n_records=0, n_arith=0, n_drills=0):
     # Chinese is capped by default: a tiny CPU model gets through ~0.7M tokens in a minute or two, and the
     # mix below takes most of them. The held-out split is prose only, so its loss stays comparable.
     docs = take(pack(peoples_daily_paragraphs(), 40, 240, "。！？", "\n"), rng, zh_chars)
@@ -153,7 +153,7 @@ def build_pretrain(rng, n_eval, zh_chars=0, en_chars=0, n_tools=0, n_records=0, 
     docs = list(dict.fromkeys(docs))
     rng.shuffle(docs)
     ev, tr = docs[:n_eval], docs[n_eval:]
-    tr += pretrain_mix(rng, n_tools, n_records, n_arith)
+    tr += pretrain_mix(rng, n_tools, n_records, n_arith, n_drills)
     rng.shuffle(tr)
     return [{"text": d} for d in tr], [{"text": d} for d in ev]
 
@@ -773,13 +773,38 @@ def tool_transcript(rng, tokenizer):
     return render_chat(tokenizer, [m for m in messages if m["role"] != "system"])
 
 
-def pretrain_mix(rng, n_tools, n_records, n_arith):
-    if not (n_tools or n_records or n_arith):
+def copy_drill_doc(rng, tokenizer, tokens):
+    """Strings of 8-32 random tokens, each followed by itself on the next line. Natural text repeats itself too
+    rarely for the 1.6M model to learn in-context copying in minutes; with these as half its pretraining
+    documents, the smeared-keys model learns it (scripts/demo.py --smeared_keys; README, "Smeared keys")."""
+    parts, n = [], 0
+    while n < 120:
+        length = rng.randint(8, 32)
+        text = tokenizer.decode([rng.choice(tokens) for _ in range(length)])
+        parts.append(text + "\n" + text)
+        n += 2 * length + 2
+    return "\n\n".join(parts)
+
+
+def drill_tokens(tokenizer):
+    """Printable tokens (no line breaks, no control characters) that come back as themselves when decoded and
+    encoded again."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())  # <|reserved_N|> too
+    return [t for t in range(len(tokenizer)) if t not in special and tokenizer.decode([t]).isprintable()
+            and tokenizer.encode(tokenizer.decode([t])) == [t]]
+
+
+def pretrain_mix(rng, n_tools, n_records, n_arith, n_drills=0):
+    if not (n_tools or n_records or n_arith or n_drills):
         return []
     from dataset.lm_dataset import load_tokenizer
-    tokenizer = load_tokenizer(os.path.join(ROOT, "model"))  # only its chat template is used
-    return ([tool_transcript(rng, tokenizer) for _ in range(n_tools)] + [record_doc(rng) for _ in range(n_records)]
+    tokenizer = load_tokenizer(os.path.join(ROOT, "model"))  # its chat template, and tokens for the drills
+    docs = ([tool_transcript(rng, tokenizer) for _ in range(n_tools)] + [record_doc(rng) for _ in range(n_records)]
             + [arithmetic_doc(rng) for _ in range(n_arith)])
+    if n_drills:
+        tokens = drill_tokens(tokenizer)
+        docs += [copy_drill_doc(rng, tokenizer, tokens) for _ in range(n_drills)]
+    return docs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -959,7 +984,8 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_
     for stage in stages:
         if stage == "pretrain":
             tr, ev = build_pretrain(rng(stage), sz["pretrain_eval"], pretrain_zh_chars, pretrain_en_chars,
-                                    sz["pretrain_tools"], sz["pretrain_records"], sz["pretrain_arith"])
+                                    sz["pretrain_tools"], sz["pretrain_records"], sz["pretrain_arith"],
+                                    sz["pretrain_drills"])
         elif stage == "sft":
             tr, ev, tool_ev = build_sft(rng(stage), sz["sft"], sz["sft_eval"], sz["sft_tools"], sz["tool_eval"])
             emit(FILES[stage][2], tool_ev)

@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from trainer.cli import ArgumentParser, UserError, device_name, run_main  # noqa: E402
 
 DATA = os.path.join(ROOT, "dataset", "demo")
+# --smeared_keys: the same files, plus as many copy drills as pretraining has other documents (README, "Smeared keys")
+COPY_DATA, COPY_DRILLS = os.path.join(ROOT, "dataset", "demo_copy"), 7369
 ASSISTANT_NAME = ["MiniMind"]
 LORA_NAME = ["小星", "XiaoXing"]
 
@@ -83,9 +85,9 @@ def stage(script, *flags, log, name=None):
                            "cpu": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)}
 
 
-def ensure_data():
+def ensure_data(data, *flags):
     """Build dataset/demo/ (deterministic, offline, seconds) unless every file is already there."""
-    subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "build_demo_data.py"), "--out_dir", DATA, "--if_missing"],
+    subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "build_demo_data.py"), "--out_dir", data, "--if_missing", *flags],
                    cwd=ROOT, check=True)
 
 
@@ -129,11 +131,19 @@ def main():
     ap.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="model and recipe (default: the --device's own)")
     ap.add_argument("--skip_training", action="store_true", help="only evaluate checkpoints already in --out_dir")
     ap.add_argument("--ppo", action="store_true", help="also train PPO from the reasoning model and report it (no bar)")
+    ap.add_argument("--smeared_keys", action="store_true",
+                    help="train the smeared-keys model instead, on data whose pretraining is half copy drills (built into "
+                         "dataset/demo_copy/), pretraining at 3e-3: it learns in-context copying (README, 'Smeared keys')")
     args = ap.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
     cuda = args.device.startswith("cuda")
     recipe = RECIPES[args.recipe or ("cuda" if cuda else "cpu")]
+    data = DATA
+    if args.smeared_keys:
+        data = COPY_DATA
+        recipe = dict(recipe, model=[*recipe["model"], "--smeared_keys", "1"],
+                      pretrain=[*recipe["pretrain"], "--learning_rate", "3e-3"])  # the last flag wins
     # Eager also on CUDA (where --compile defaults on): the stages are short, and the padded batches' changing
     # shapes would make each compile again. For the same reason packed stages use the dense mask there, not
     # FlexAttention: on the H200 its compile made the first 10 steps of each of the four packed stages take
@@ -147,21 +157,21 @@ def main():
     student = [f for k, v in recipe["student"].items() for f in (f"--{k}", str(v))]
     s_dim = recipe["student"]["hidden_size"]
     t_start = time.time()
-    ensure_data()
+    ensure_data(data, *(["--pretrain_drills", str(COPY_DRILLS)] if args.smeared_keys else []))
     times = {}
     if not args.skip_training:
-        stage("train_pretrain.py", *common, *recipe["pretrain"], "--data_path", f"{DATA}/pretrain_hq.jsonl", log=times)
-        stage("train_full_sft.py", *common, *recipe["sft"], "--data_path", f"{DATA}/sft_mini_512.jsonl", log=times)
-        stage("train_dpo.py", *common, *recipe["dpo"], "--data_path", f"{DATA}/dpo.jsonl", log=times)
-        stage("train_distill_reason.py", *common, *recipe["reason"], "--data_path", f"{DATA}/r1_mix_1024.jsonl", log=times)
-        stage("train_grpo.py", *common, *recipe["grpo"], "--data_path", f"{DATA}/rlaif.jsonl", log=times)
+        stage("train_pretrain.py", *common, *recipe["pretrain"], "--data_path", f"{data}/pretrain_hq.jsonl", log=times)
+        stage("train_full_sft.py", *common, *recipe["sft"], "--data_path", f"{data}/sft_mini_512.jsonl", log=times)
+        stage("train_dpo.py", *common, *recipe["dpo"], "--data_path", f"{data}/dpo.jsonl", log=times)
+        stage("train_distill_reason.py", *common, *recipe["reason"], "--data_path", f"{data}/r1_mix_1024.jsonl", log=times)
+        stage("train_grpo.py", *common, *recipe["grpo"], "--data_path", f"{data}/rlaif.jsonl", log=times)
         if args.ppo:
-            stage("train_ppo.py", *common, *recipe["ppo"], "--data_path", f"{DATA}/rlaif.jsonl", log=times)
+            stage("train_ppo.py", *common, *recipe["ppo"], "--data_path", f"{data}/rlaif.jsonl", log=times)
         stage("train_lora.py", *common, *recipe["lora"], "--lora_name", "lora_identity",
-              "--data_path", f"{DATA}/lora_identity.jsonl", log=times)
+              "--data_path", f"{data}/lora_identity.jsonl", log=times)
         start = os.path.join(out, f"student_start_{s_dim}.pth")
         student_start(recipe["student"], start)
-        students = [*student, *system, *recipe["student_sft"], "--from_weight", start, "--data_path", f"{DATA}/sft_mini_512.jsonl"]
+        students = [*student, *system, *recipe["student_sft"], "--from_weight", start, "--data_path", f"{data}/sft_mini_512.jsonl"]
         stage("train_full_sft.py", *students, "--save_weight", "student_ce", log=times, name="student CE only")
         stage("train_distillation.py", *students, *recipe["distill"], "--save_weight", "student_kd", "--teacher_weight", "full_sft",
               "--teacher_dim", recipe["model"][1], "--teacher_n_layers", recipe["model"][3], log=times, name="student distilled")
@@ -182,38 +192,38 @@ def main():
     pre, sft, rlhf, reason, grpo = load("pretrain"), load("full_sft"), load("rlhf"), load("reason"), load("grpo")
     untrained = MiniMindForCausalLM(pre.config).to(device).eval()
     r = {}
-    r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
-    r["pre_after"] = ev.pretrain_metrics(pre, tok, f"{DATA}/pretrain_eval.jsonl", 128, device)
-    probe = ev.copy_probe(tok, f"{DATA}/pretrain_eval.jsonl")  # one probe for the three models
+    r["pre_before"] = ev.pretrain_metrics(untrained, tok, f"{data}/pretrain_eval.jsonl", 128, device)
+    r["pre_after"] = ev.pretrain_metrics(pre, tok, f"{data}/pretrain_eval.jsonl", 128, device)
+    probe = ev.copy_probe(tok, f"{data}/pretrain_eval.jsonl")  # one probe for the three models
     r["copy"] = {name: ev.copy_accuracy(m, probe, device) for name, m in (("untrained", untrained), ("pretrain", pre), ("sft", sft))}
-    r["sft_before"] = ev.chat_metrics(pre, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
-    r["sft_after"] = ev.chat_metrics(sft, tok, f"{DATA}/sft_eval.jsonl", device, ASSISTANT_NAME)
-    r["tool_before"] = ev.tool_metrics(pre, tok, f"{DATA}/tool_eval.jsonl", device)
-    r["tool_after"] = ev.tool_metrics(sft, tok, f"{DATA}/tool_eval.jsonl", device)
-    r["tool_before_free"], r["tool_free"] = (ev.tool_metrics(m, tok, f"{DATA}/tool_eval.jsonl", device, guided=False)
+    r["sft_before"] = ev.chat_metrics(pre, tok, f"{data}/sft_eval.jsonl", device, ASSISTANT_NAME)
+    r["sft_after"] = ev.chat_metrics(sft, tok, f"{data}/sft_eval.jsonl", device, ASSISTANT_NAME)
+    r["tool_before"] = ev.tool_metrics(pre, tok, f"{data}/tool_eval.jsonl", device)
+    r["tool_after"] = ev.tool_metrics(sft, tok, f"{data}/tool_eval.jsonl", device)
+    r["tool_before_free"], r["tool_free"] = (ev.tool_metrics(m, tok, f"{data}/tool_eval.jsonl", device, guided=False)
                                              for m in (pre, sft))  # the same without the ToolCallGuide
-    r["dpo_before"] = ev.preference_metrics(sft, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
-    r["dpo_after"] = ev.preference_metrics(rlhf, sft, tok, f"{DATA}/dpo_eval.jsonl", 128, device)
-    r["reason_before"] = ev.reasoning_metrics(rlhf, tok, f"{DATA}/r1_eval.jsonl", device)
-    r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device)
-    r["think_on"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device, enable_thinking=True)
-    r["think_off"] = ev.reasoning_metrics(reason, tok, f"{DATA}/r1_eval.jsonl", device, enable_thinking=False)
+    r["dpo_before"] = ev.preference_metrics(sft, sft, tok, f"{data}/dpo_eval.jsonl", 128, device)
+    r["dpo_after"] = ev.preference_metrics(rlhf, sft, tok, f"{data}/dpo_eval.jsonl", 128, device)
+    r["reason_before"] = ev.reasoning_metrics(rlhf, tok, f"{data}/r1_eval.jsonl", device)
+    r["reason_after"] = ev.reasoning_metrics(reason, tok, f"{data}/r1_eval.jsonl", device)
+    r["think_on"] = ev.reasoning_metrics(reason, tok, f"{data}/r1_eval.jsonl", device, enable_thinking=True)
+    r["think_off"] = ev.reasoning_metrics(reason, tok, f"{data}/r1_eval.jsonl", device, enable_thinking=False)
     t_rl, cpu_rl = time.time(), time.process_time()
-    r["grpo_before"] = ev.rl_metrics(reason, tok, f"{DATA}/rlaif_eval.jsonl", device)
-    r["grpo_after"] = ev.rl_metrics(grpo, tok, f"{DATA}/rlaif_eval.jsonl", device)
+    r["grpo_before"] = ev.rl_metrics(reason, tok, f"{data}/rlaif_eval.jsonl", device)
+    r["grpo_after"] = ev.rl_metrics(grpo, tok, f"{data}/rlaif_eval.jsonl", device)
     if args.ppo:
-        r["ppo_after"] = ev.rl_metrics(load("ppo"), tok, f"{DATA}/rlaif_eval.jsonl", device)
+        r["ppo_after"] = ev.rl_metrics(load("ppo"), tok, f"{data}/rlaif_eval.jsonl", device)
     times["GRPO evaluation"] = {"wall": round(time.time() - t_rl, 1), "cpu": round(time.process_time() - cpu_rl, 1)}
-    r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
-    r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    r["lora_without"], _, _ = ev.identity_share(rlhf, tok, f"{data}/lora_identity_eval.jsonl", device, LORA_NAME)
+    r["sft_loss_base"] = ev.sft_loss(rlhf, tok, f"{data}/sft_eval.jsonl", 128, device)
     load_lora(rlhf, lora_weight_path(out, "lora_identity", dim))
-    r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{DATA}/lora_identity_eval.jsonl", device, LORA_NAME)
-    r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    r["lora_with"], lora_samples, lora_prompts = ev.identity_share(rlhf, tok, f"{data}/lora_identity_eval.jsonl", device, LORA_NAME)
+    r["sft_loss_lora"] = ev.sft_loss(rlhf, tok, f"{data}/sft_eval.jsonl", 128, device)
     steps = recipe["student_sft"][recipe["student_sft"].index("--max_steps") + 1]
     student_ce, student_kd = (load_weights(os.path.join(out, f"{p}_{s_dim}.pth")).to(device).eval() for p in ("student_ce", "student_kd"))
-    r["student_ce"] = ev.sft_loss(student_ce, tok, f"{DATA}/sft_eval.jsonl", 128, device)
-    r["student_kd"] = ev.sft_loss(student_kd, tok, f"{DATA}/sft_eval.jsonl", 128, device)
-    r["teacher"] = ev.sft_loss(sft, tok, f"{DATA}/sft_eval.jsonl", 128, device)
+    r["student_ce"] = ev.sft_loss(student_ce, tok, f"{data}/sft_eval.jsonl", 128, device)
+    r["student_kd"] = ev.sft_loss(student_kd, tok, f"{data}/sft_eval.jsonl", 128, device)
+    r["teacher"] = ev.sft_loss(sft, tok, f"{data}/sft_eval.jsonl", 128, device)
     flat = {"sft_in_format": r["sft_after"]["in_format"], "lora_with": r["lora_with"], "lora_without": r["lora_without"],
             "dpo_acc": r["dpo_after"]["accuracy"], "reason_template": r["reason_after"]["template"],
             "tool_right": r["tool_after"]["right_tool"], "tool_answer": r["tool_after"]["answer_has_result"],

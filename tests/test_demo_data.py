@@ -99,6 +99,25 @@ def test_pretraining_mix_has_tool_transcripts_and_records_but_no_held_out_questi
     assert held_out and not any(q in joined for q in held_out)
 
 
+def test_copy_drills_are_added_to_pretraining_and_change_nothing_else(small, tmp_path):
+    """--pretrain_drills N (scripts/demo.py --smeared_keys): N documents of token strings each written twice."""
+    B.build(str(tmp_path), stages=["pretrain"], pretrain_zh_chars=20000, pretrain_en_chars=10000, verbose=False,
+            **dict(SMALL, pretrain_drills=25))
+    plain = [r["text"] for r in read(small, "pretrain_hq.jsonl")]
+    with_drills = [r["text"] for r in read(str(tmp_path), "pretrain_hq.jsonl")]
+    drills = [t for t in with_drills if t not in set(plain)]
+    assert sorted(set(with_drills) - set(drills)) == sorted(plain) and len(drills) == 25
+    for doc in drills:
+        for pair in doc.split("\n\n"):
+            first, second = pair.split("\n")
+            assert first == second and len(first) >= 8
+    assert read(str(tmp_path), "pretrain_eval.jsonl") == read(small, "pretrain_eval.jsonl")  # held-out prose unchanged
+    from dataset.lm_dataset import load_tokenizer
+    tokenizer = load_tokenizer(os.path.join(B.ROOT, "model"))
+    ids = {t for doc in drills for t in tokenizer.encode(doc)}
+    assert not ids & (set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()))
+
+
 def test_identity_data(small):
     sft = read(small, "sft_mini_512.jsonl")
     text = json.dumps(sft, ensure_ascii=False)
