@@ -775,7 +775,7 @@ def tool_transcript(rng, tokenizer):
 
 def copy_drill_doc(rng, tokenizer, tokens):
     """Strings of 8-32 random tokens, each followed by itself on the next line. Natural text repeats itself too
-    rarely for the 1.6M model to learn in-context copying in minutes; with these as half its pretraining
+    rarely for the 1.6M model to learn in-context copying in minutes; with these as a third of its pretraining
     documents, the smeared-keys model learns it (scripts/demo.py --smeared_keys; README, "Smeared keys")."""
     parts, n = [], 0
     while n < 120:
