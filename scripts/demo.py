@@ -87,7 +87,8 @@ def stage(script, *flags, log, name=None):
 
 
 def ensure_data(data, *flags):
-    """Build dataset/demo/ (deterministic, offline, seconds) unless every file is already there."""
+    """Build the demo data into `data` (deterministic, offline, seconds; flags go to build_demo_data.py) unless
+    every file is already there."""
     subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "build_demo_data.py"), "--out_dir", data, "--if_missing", *flags],
                    cwd=ROOT, check=True)
 
