@@ -43,9 +43,19 @@ def is_valid_call(text, tools=TOOLS):
     ('\n{"name": "calculator", "arguments": {"expression": "851 * 39"}}\n', "complete"),
     ('{"name": "units", "arguments": {"value": -13.5e2, "from": "c", "to": "f"}}', "complete"),
     ('{"name": "dates", "arguments": {"start": "2021-05-20", "days": 37}}', "complete"),
-    ('{"name": "dates", "arguments": {"start": "a\\"b\\u00e9\\n", "end": "计算"}}', "complete"),  # escapes, UTF-8
+    ('{"name": "units", "arguments": {"value": 1, "from": "a\\"b\\u00e9\\n", "to": "计算"}}', "complete"),  # escapes, UTF-8
     ('{"name": "calc', "prefix"),
-    ('{"name": "calculator", "arguments": {"expression": "6, "', "prefix"),  # a string may hold ", "
+    ('{"name": "units", "arguments": {"value": 1, "from": "6, "', "prefix"),  # a string may hold ", "
+    # patterned strings (the calculator's expression, the dates): every byte keeps a match possible
+    ('{"name": "calculator", "arguments": {"expression": "(8.5 - 1) * 2 // 3 % 4"}}', "complete"),
+    ('{"name": "calculator", "arguments": {"expression": "839 + 41', "prefix"),
+    ('{"name": "calculator", "arguments": {"expression": "839 + 41得', "invalid"),  # the question's words run on
+    ('{"name": "calculator", "arguments": {"expression": "6, "', "invalid"),
+    ('{"name": "calculator", "arguments": {"expression": ""}}', "invalid"),  # closes only on a match
+    ('{"name": "dates", "arguments": {"start": "2021-05-2', "prefix"),
+    ('{"name": "dates", "arguments": {"start": "2021-5-20"}}', "invalid"),
+    ('{"name": "dates", "arguments": {"start": "2021-05-20", "end": "2021-06-261"}}', "invalid"),
+    ('{"name": "dates", "arguments": {"start": "2021\\u002d05-20"}}', "invalid"),  # no escapes in a patterned string
     (BROKEN, "invalid"),  # ... but calculator has no argument "from"
     ('{"name": "calx', "invalid"),  # not an offered tool
     ('{"arguments": {}}', "invalid"),  # the name comes first
@@ -82,6 +92,8 @@ def test_calls_the_chat_template_writes_are_allowed_at_every_byte(tok):
 
 def random_value(schema, rng):
     kind = schema["type"]
+    if kind == "string" and "pattern" in schema:
+        return rng.choice(["2021-05-20", "1999-12-31"] if "d{4}" in schema["pattern"] else ["1 + 2", "(3.5 - 1) * 2", "7 // 2 % 3"])
     if kind == "string":
         return rng.choice(["", "x", "2021-05-20", 'a"b', "1 + 2", "计算", "\\", "\t"])
     if kind == "integer":
@@ -142,7 +154,7 @@ def block_prefix(tok, text):
 
 
 def test_guide_keeps_the_likeliest_token_that_fits(tok):
-    prompt, ids = block_prefix(tok, '\n{"name": "calculator", "arguments": {"expression": "6, "')
+    prompt, ids = block_prefix(tok, '\n{"name": "units", "arguments": {"value": 6, "from": "c", "to": "f"')
     free = torch.tensor([tok.encode(" plain reply", add_special_tokens=False)])
     guide = ToolCallGuide(tok, SCHEMAS, len(prompt))
     scores = torch.zeros(2, len(tok))
@@ -240,3 +252,32 @@ def test_json_reply_guide_ends_the_reply_only_after_a_whole_value(tok):
     assert pick(" ") == '{"'  # the reply must start an object, not end
     assert pick('{"n": 3') == "}"  # "}" closes it: the required key is there
     assert pick('{"n": 3}') == "<|im_end|>"
+
+
+def test_a_pattern_ends_an_expression_where_the_question_s_words_would_run_on(tok):
+    """The demo model's miss: `"839 + 41得` (the question was "839 + 41得多少？"). With the calculator's pattern the
+    guide keeps the likeliest token that can still match, and the string can close; a token ending inside a
+    character fits only if some character it can become matches."""
+    prompt, ids = block_prefix(tok, '\n{"name": "calculator", "arguments": {"expression": "839 + 41')
+    guide = ToolCallGuide(tok, SCHEMAS, len(prompt))
+    scores = torch.zeros(1, len(tok))
+    for piece, s in {"得": 9.0, "是": 8.0, "\"}}": 5.0, " *": 4.0}.items():
+        tid = tok.encode(piece, add_special_tokens=False)
+        assert len(tid) == 1, piece
+        scores[0, tid[0]] = s
+    out = guide(torch.tensor([ids]), scores)
+    assert tok.decode([int(out[0].argmax())]) == '"}}'
+    assert torch.isinf(out[0, tok.encode("得", add_special_tokens=False)[0]])
+    from trainer.tool_guide import clean_schema
+    unit = start_state(clean_schema({"type": "string", "pattern": "^[0-9]+(米|公里)$"}))
+    assert feed(unit, "\"12".encode() + "公".encode()[:1]) is not None  # may still become 公
+    assert feed(unit, "\"12".encode() + "得".encode()[:2]) is None  # 得's first bytes cannot become 米 or 公
+    assert feed(unit, '"12公里"'.encode()) is not None and feed(unit, '"12公"'.encode()) is None
+    assert clean_schema({"type": "string", "pattern": "(unclosed"}) == {"type": ["string"]}  # unreadable: not enforced
+
+
+def test_json_reply_guide_keeps_a_pattern():
+    from trainer.tool_guide import clean_schema
+    schema = clean_schema({"type": "object", "properties": {"date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"}}})
+    assert verdict('{"date": "2026-11-29"}', schema) == "complete"
+    assert verdict('{"date": "soon"}', schema) == "invalid"

@@ -16,13 +16,19 @@ none fits does it scan the whole vocabulary. Greedy decoding therefore picks the
 sampling samples among the fitting ones of the top_k.
 
 What a schema can say here: `type` (string, number, integer, boolean, null, object, array, or a list of
-them), `enum` of strings, object `properties` (the only keys allowed, each at most once) and `required`
-(the object closes only once they are all there), array `items`. Anything else allows any JSON value.
+them), `enum` of strings, a string's `pattern` (a regular expression the string must contain a match of, as
+JSON Schema says; anchor it with ^...$ to match the whole string: every character written must keep a match
+possible, and the string closes only on a match; such a string is written without backslash escapes), object
+`properties` (the only keys allowed, each at most once) and `required` (the object closes only once they are
+all there), array `items`. Anything else allows any JSON value.
 The JSON is compact, as the chat template writes calls: at most one whitespace character in a row, so a
 model pushed off its track cannot stall in spaces and newlines.
 """
+import functools
+import itertools
 import weakref
 
+import regex  # partial matching: can what is written so far still become a match?
 import torch
 
 WHITESPACE = frozenset(b" \t\n\r")
@@ -105,6 +111,12 @@ def clean_schema(schema):
     enum = schema.get("enum")
     if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
         out["enum"] = enum
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and "enum" not in out and "string" in out.get("type", ["string"]):
+        try:
+            out["pattern"] = regex.compile(pattern)
+        except regex.error:
+            pass  # a pattern this regex dialect does not read is not enforced
     props = schema.get("properties")
     if isinstance(props, dict) and "object" in out.get("type", ["object"]):
         out["properties"] = {str(k): clean_schema(v) for k, v in props.items()}
@@ -131,6 +143,7 @@ def call_schema(tools):
 #   ("value", schema)                  a JSON value is due
 #   ("str", choices, sofar, escape)    in a string; choices: the bytes it must equal (or None); escape: 0, or
 #                                      1 just after a backslash, 2-5: that many \u hex digits to go, plus one
+#   ("pat", pattern, sofar)            in a string that must match `pattern` (compiled); sofar: its bytes
 #   ("num", integer, phase)            in a number
 #   ("lit", rest)                      in true/false/null: the bytes still due
 #   ("obj", schema, seen, phase, name) in an object: phase first | key | colon | next; seen: keys so far;
@@ -168,6 +181,8 @@ def _open_value(frames, schema, b):
     types = _types(schema)
     allowed = lambda *names: types is None or any(n in types for n in names)  # noqa: E731
     if b == ord('"') and allowed("string"):
+        if schema and "pattern" in schema:
+            return frames + (("pat", schema["pattern"], b""),)
         return frames + (("str", _string_choices(schema), b"", 0),)
     if (b == ord("-") or b in DIGITS) and allowed("number", "integer"):
         integer = types is not None and "integer" in types and "number" not in types
@@ -214,6 +229,34 @@ def _number_phase(phase, b, integer):
     return None
 
 
+@functools.lru_cache(maxsize=65536)
+def _pattern_allows(pattern, data, done=False):
+    """Whether a string whose bytes so far are `data` can still match `pattern` (done: it is closing now and
+    must match). Bytes that end in the middle of a character (byte-level tokens split characters) fit if some
+    character they can still become fits: its candidates are tried, at most 4096 (a four-byte character missing
+    three bytes is tried with its last byte 0x80 only: that can refuse a fitting token, never strand a call)."""
+    try:
+        return pattern.search(data.decode("utf-8"), partial=not done) is not None
+    except UnicodeDecodeError as e:
+        if done or e.reason != "unexpected end of data":
+            return False
+        head, tail = data[:e.start], data[e.start:]
+        size = 2 if tail[0] >= 0xC0 else 0
+        size = 3 if tail[0] >= 0xE0 else size
+        size = 4 if tail[0] >= 0xF0 else size
+        missing = size - len(tail)
+        text = head.decode("utf-8")
+        fill = [range(0x80, 0xC0)] * min(missing, 2) + [[0x80]] * max(missing - 2, 0)
+        for rest in itertools.product(*fill):
+            try:
+                ch = (tail + bytes(rest)).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if pattern.search(text + ch, partial=True) is not None:
+                return True
+        return False
+
+
 def _member_schema(schema, key, name):
     if key == "arguments" and "arguments_by_name" in (schema or {}):
         return schema["arguments_by_name"].get(name)
@@ -244,6 +287,14 @@ def step(state, b):
             return (frames[:-1] + (("str", None, b"", 1),), 0) if b == ord("\\") else (frames, 0)
         sofar += bytes([b])  # no escapes in keys and names: they are written plainly
         return (frames[:-1] + (("str", choices, sofar, 0),), 0) if any(c.startswith(sofar) for c in choices) else None
+    if kind == "pat":
+        _, pattern, sofar = top
+        if b == ord('"'):
+            return (_value_done(frames[:-1]), 0) if _pattern_allows(pattern, sofar, done=True) else None
+        if b < 0x20 or b == ord("\\"):
+            return None
+        sofar += bytes([b])
+        return (frames[:-1] + (("pat", pattern, sofar),), 0) if _pattern_allows(pattern, sofar) else None
     if kind == "num":
         _, integer, phase = top
         nxt = _number_phase(phase, b, integer)

@@ -186,13 +186,19 @@ def _object(properties, required):
     return {"type": "object", "properties": properties, "required": required}
 
 
+# Patterns (JSON Schema's `pattern`) tell a model what the strings look like, and let schema-guided decoding
+# (trainer/tool_guide.py) keep a call's strings to them: an expression that runs on into the question's words,
+# `"839 + 41得"`, closes at `"839 + 41"` instead.
+EXPRESSION_PATTERN = r"^[0-9.+\-*/%() ]+$"
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
 TOOLS = {t.name: t for t in [  # short descriptions: every schema token is in the prompt of every tool request
     Tool("calculator", "Arithmetic: + - * / // % ** ( )",
-         _object({"expression": {"type": "string"}}, ["expression"]), calculator),
+         _object({"expression": {"type": "string", "pattern": EXPRESSION_PATTERN}}, ["expression"]), calculator),
     Tool("units", "Convert a value between units, e.g. km to mi",
          _object({"value": {"type": "number"}, "from": {"type": "string"}, "to": {"type": "string"}}, ["value", "from", "to"]), units),
     Tool("dates", "Weekday of a date (YYYY-MM-DD), the date some days later, or the days until an end date",
-         _object({"start": {"type": "string"}, "days": {"type": "integer"}, "end": {"type": "string"}}, ["start"]), dates),
+         _object({"start": {"type": "string", "pattern": DATE_PATTERN}, "days": {"type": "integer"},
+                  "end": {"type": "string", "pattern": DATE_PATTERN}}, ["start"]), dates),
 ]}
 
 
