@@ -81,6 +81,9 @@ STAGE_OF_KEY = {  # a key that identifies a stage's file -> (what it looks like,
 }
 
 
+COLUMN_FLAGS = {"text": str, "conversations": list}  # keys a --{key}_column flag renames, and their values' type
+
+
 def wrong_stage(obj, expected, key):
     """A missing key; if the line fits another stage, say so (the usual cause is passing the wrong file)."""
     for k, (looks, script) in STAGE_OF_KEY.items():
@@ -88,7 +91,12 @@ def wrong_stage(obj, expected, key):
             return (f'no "{key}" key: this line looks like {looks}, not {expected}',
                     f"Use this file with {script}, or pass a file of {expected}.")
     keys = ", ".join(f'"{k}"' for k in list(obj)[:5]) or "none"
-    return f'no "{key}" key (keys: {keys})', f"Each line must be {expected}. {SKIP_HINT}"
+    fix = f"Each line must be {expected}."
+    if key in COLUMN_FLAGS:  # the stage reads the column under another name with a flag: name the likely one
+        kind = COLUMN_FLAGS[key]
+        fits = [k for k, v in obj.items() if isinstance(v, kind)]
+        fix += f" If your data names it differently, pass --{key}_column {fits[0] if len(fits) == 1 else 'NAME'}."
+    return f'no "{key}" key (keys: {keys})', f"{fix} {SKIP_HINT}"
 
 
 def check_pretrain(obj):

@@ -193,6 +193,11 @@ def test_text_and_conversations_columns(tok, tmp_path):
     messages = [{"messages": r["conversations"]} for r in SFT_STRING_ROWS]
     ds = SFTDataset(write_jsonl(tmp_path / "m.jsonl", messages), tok, conversations_column="messages")
     assert all(same_sample(ds[i], sft[i]) for i in range(len(sft)))
+    # without the flag, the error names it, and the column when only one has the right type
+    with pytest.raises(DataFormatError, match=r"pass --conversations_column messages\."):
+        SFTDataset(str(tmp_path / "m.jsonl"), tok)
+    with pytest.raises(DataFormatError, match=r"pass --text_column NAME\."):  # "content" and "url" are both strings
+        PretrainDataset(str(tmp_path / "content.jsonl"), tok)
 
 
 def test_input_errors(tok, tmp_path):
