@@ -21,6 +21,7 @@ from eval_model import BOT, CHAT_PROMPTS, LORA_PROMPTS, PRETRAIN_PROMPTS, USER, 
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer_utils import save_weights
+from trainer.tools import EXPRESSION_PATTERN, TOOLS, run_tool_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -286,8 +287,10 @@ def test_calls_are_guided_into_well_formed_json_unless_turned_off(broken_call_we
     block = guided.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0]
     call = json.loads(block)
     assert call["name"] == "calculator" and list(call["arguments"]) == ["expression"]
-    assert call["arguments"]["expression"].startswith("6, ")  # what the model wrote, until it could not go on so
-    assert f"🔧 calculator {json.dumps(call['arguments'], ensure_ascii=False)} -> error: " in guided
+    # what the model wrote, until the expression's pattern refused its comma
+    assert call["arguments"]["expression"].startswith("6") and re.fullmatch(EXPRESSION_PATTERN, call["arguments"]["expression"])
+    result = run_tool_call(call, TOOLS)
+    assert f"🔧 calculator {json.dumps(call['arguments'], ensure_ascii=False)} -> {result}" in guided
 
 
 @pytest.mark.parametrize("name,words", [("bad_tool", "unknown tool(s) weather"), ("pretrain_tools", "--tools needs a chat model")])

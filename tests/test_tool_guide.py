@@ -167,7 +167,10 @@ def test_guide_keeps_the_likeliest_token_that_fits(tok):
     out = guide(rows, scores.clone())
     assert tok.convert_ids_to_tokens(int(out[0].argmax())) == "}}"  # not "from", not the end: they cannot follow
     assert torch.isinf(out[0, tok.convert_tokens_to_ids("</tool_call>")]) and out[0, tok.convert_tokens_to_ids("}")] == 4.0
-    assert torch.equal(out[1], scores[1])  # a row outside a block is left alone
+    close = tok.convert_tokens_to_ids("</tool_call>")
+    assert torch.isinf(out[1, close])  # outside a block a stray </tool_call> cannot be written ...
+    out[1, close] = scores[1, close]
+    assert torch.equal(out[1], scores[1])  # ... and nothing else changes
     _, done = block_prefix(tok, '\n{"name": "calculator", "arguments": {"expression": "6"}}\n')
     out = ToolCallGuide(tok, SCHEMAS, len(prompt))(torch.tensor([done]), scores[:1].clone())
     assert int(out[0].argmax()) == tok.convert_tokens_to_ids("</tool_call>")  # complete: it may close now
@@ -281,3 +284,17 @@ def test_json_reply_guide_keeps_a_pattern():
     schema = clean_schema({"type": "object", "properties": {"date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"}}})
     assert verdict('{"date": "2026-11-29"}', schema) == "complete"
     assert verdict('{"date": "soon"}', schema) == "invalid"
+
+
+def test_after_max_calls_no_block_opens_and_no_stray_closing_tag_is_written(tok):
+    prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    call = tok.encode('<tool_call>\n{"name": "dates", "arguments": {"start": "2021-05-20"}}\n</tool_call>', add_special_tokens=False)
+    open_id, close_id = (tok.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
+    scores = torch.zeros(1, len(tok))
+    for max_calls, ids, open_allowed in [(1, prompt, True), (1, prompt + call, False), (2, prompt + call, True)]:
+        out = ToolCallGuide(tok, SCHEMAS, len(prompt), max_calls=max_calls)(torch.tensor([ids]), scores.clone())
+        assert torch.isfinite(out[0, open_id]) == open_allowed and torch.isinf(out[0, close_id])
+    # a block the prompt opened (an assistant prefix) may still be closed: the guide leaves that row alone
+    prefilled = prompt + call[:-1]
+    out = ToolCallGuide(tok, SCHEMAS, len(prefilled))(torch.tensor([prefilled]), scores.clone())
+    assert torch.isfinite(out[0, close_id])

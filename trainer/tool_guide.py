@@ -1,6 +1,6 @@
 """Schema-guided tool calls: inside a <tool_call> block the model may only write tokens that keep the block a
 well-formed call to one of the offered tools, {"name": <a tool's name>, "arguments": <an object its parameters
-schema allows>}, closed by </tool_call>. Outside the blocks nothing changes. A small model picks the tool
+schema allows>}, closed by </tool_call>. Outside the blocks only a stray </tool_call> is refused. A small model picks the tool
 and the numbers; the guide keeps its JSON parseable (the demo's 1.6M model, left free, sometimes runs a
 calculator expression on into another tool's fields: `{"expression": "6, "from": "f", "to": "kg"}`).
 llama.cpp applies a grammar to tool calls the same way, from the opening tag on.
@@ -457,8 +457,12 @@ class ToolCallGuide:
             elif self.must_open(input_ids[row].tolist(), generated):
                 scores[row] = torch.where(torch.arange(scores.shape[1], device=scores.device) == self.open_id,
                                           0.0, float("-inf"))
-            elif self.max_calls is not None and generated.count(self.close_id) >= self.max_calls:
-                scores[row, self.open_id] = float("-inf")
+            else:
+                row_ids = input_ids[row].tolist()
+                if row_ids.count(self.open_id) <= row_ids.count(self.close_id):  # no block open, here or in the prompt
+                    scores[row, self.close_id] = float("-inf")  # a stray </tool_call> would only be noise in the text
+                if self.max_calls is not None and generated.count(self.close_id) >= self.max_calls:
+                    scores[row, self.open_id] = float("-inf")
         return scores
 
 
