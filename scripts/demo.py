@@ -25,9 +25,11 @@ import torch  # noqa: E402
 from trainer.cli import ArgumentParser, UserError, device_name, run_main  # noqa: E402
 
 DATA = os.path.join(ROOT, "dataset", "demo")
-# --smeared_keys: the same files, plus one copy drill for every two other pretraining documents (README, "Smeared
-# keys": as many as the others made tool choice fall to 40%; one for every four taught no copying)
-COPY_DATA, COPY_DRILLS = os.path.join(ROOT, "dataset", "demo_copy"), 3685
+# --smeared_keys: the demo data plus one copy drill for every two other pretraining documents (README, "Smeared
+# keys": as many as the others made tool choice fall to 40%; one for every four taught no copying), and 1000 of
+# the 4150 SFT conversations using tools instead of 150 (the answers' copying of results is learned there)
+COPY_DATA = os.path.join(ROOT, "dataset", "demo_copy")
+COPY_DATA_FLAGS = ["--pretrain_drills", "3685", "--sft_tools", "1000", "--sft", "3150"]
 ASSISTANT_NAME = ["MiniMind"]
 LORA_NAME = ["小星", "XiaoXing"]
 
@@ -134,8 +136,9 @@ def main():
     ap.add_argument("--skip_training", action="store_true", help="only evaluate checkpoints already in --out_dir")
     ap.add_argument("--ppo", action="store_true", help="also train PPO from the reasoning model and report it (no bar)")
     ap.add_argument("--smeared_keys", action="store_true",
-                    help="train the smeared-keys model instead, on data whose pretraining is a third copy drills (built into "
-                         "dataset/demo_copy/), pretraining at 3e-3: it learns in-context copying (README, 'Smeared keys')")
+                    help="train the smeared-keys model instead, on data whose pretraining is a third copy drills and whose SFT "
+                         "has 1000 tool conversations (built into dataset/demo_copy/), pretraining two epochs at 3e-3 and SFT "
+                         "one epoch: it learns in-context copying (README, 'Smeared keys')")
     args = ap.parse_args()
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -145,7 +148,8 @@ def main():
     if args.smeared_keys:
         data = COPY_DATA
         recipe = dict(recipe, model=[*recipe["model"], "--smeared_keys", "1"],
-                      pretrain=[*recipe["pretrain"], "--learning_rate", "3e-3"])  # the last flag wins
+                      pretrain=[*recipe["pretrain"], "--learning_rate", "3e-3", "--epochs", "2"],  # the last flag wins
+                      sft=[*recipe["sft"], "--epochs", "1"])
     # Eager also on CUDA (where --compile defaults on): the stages are short, and the padded batches' changing
     # shapes would make each compile again. For the same reason packed stages use the dense mask there, not
     # FlexAttention: on the H200 its compile made the first 10 steps of each of the four packed stages take
@@ -159,7 +163,7 @@ def main():
     student = [f for k, v in recipe["student"].items() for f in (f"--{k}", str(v))]
     s_dim = recipe["student"]["hidden_size"]
     t_start = time.time()
-    ensure_data(data, *(["--pretrain_drills", str(COPY_DRILLS)] if args.smeared_keys else []))
+    ensure_data(data, *(COPY_DATA_FLAGS if args.smeared_keys else []))
     times = {}
     if not args.skip_training:
         stage("train_pretrain.py", *common, *recipe["pretrain"], "--data_path", f"{data}/pretrain_hq.jsonl", log=times)
@@ -238,7 +242,7 @@ def main():
     lines = ["# MiniMind demo report", "",
              f"Model: {' '.join(recipe['model'])} ({sum(p.numel() for p in pre.parameters()) / 1e6:.2f}M parameters), "
              f"device {args.device}, training {t_train / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min.",
-             "All numbers are measured now on held-out files under dataset/demo/*_eval.jsonl, never seen in training.", "",
+             f"All numbers are measured now on held-out files under {os.path.relpath(data, ROOT)}/*_eval.jsonl, never seen in training.", "",
              "| stage | metric | before | after |", "| --- | --- | --- | --- |",
              f"| pretrain | held-out loss (perplexity), vs untrained | {r['pre_before']['loss']:.3f} ({r['pre_before']['ppl']:.0f}) | "
              f"{r['pre_after']['loss']:.3f} ({r['pre_after']['ppl']:.1f}) |",
