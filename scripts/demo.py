@@ -90,7 +90,7 @@ def stage(script, *flags, log, name=None):
 
 def ensure_data(data, *flags):
     """Build the demo data into `data` (deterministic, offline, seconds; flags go to build_demo_data.py) unless
-    every file is already there."""
+    every file is already there from a build with the same flags."""
     subprocess.run([sys.executable, os.path.join(ROOT, "dataset", "build_demo_data.py"), "--out_dir", data, "--if_missing", *flags],
                    cwd=ROOT, check=True)
 

@@ -215,6 +215,12 @@ def test_ensure_demo_data_builds_only_when_missing(tmp_path):
     os.remove(os.path.join(d, "dpo_eval.jsonl"))
     B.ensure_demo_data(d, pretrain_zh_chars=4000, pretrain_en_chars=2000, verbose=False, **chat_only)
     assert os.path.exists(os.path.join(d, "dpo_eval.jsonl"))
+    # asked with other flags (an older demo recipe's folder), it builds again, and the manifest says so
+    stamp = os.stat(os.path.join(d, "sft_mini_512.jsonl")).st_mtime_ns
+    B.ensure_demo_data(d, pretrain_zh_chars=4000, pretrain_en_chars=2000, verbose=False, **dict(chat_only, sft=60))
+    assert os.stat(os.path.join(d, "sft_mini_512.jsonl")).st_mtime_ns != stamp
+    assert "--sft 60" in open(os.path.join(d, "README.md"), encoding="utf-8").read()
+    assert B.up_to_date(d, B.build_command(42, None, 4000, 2000, dict(chat_only, sft=60)))
 
 
 def test_default_sizes_are_reached(tmp_path):
