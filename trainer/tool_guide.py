@@ -449,16 +449,16 @@ class ToolCallGuide:
 
     def __call__(self, input_ids, scores):
         for row in range(input_ids.shape[0]):
-            generated = input_ids[row, self.prompt_len:].tolist()
+            row_ids = input_ids[row].tolist()
+            generated = row_ids[self.prompt_len:]
             state = self.block_state(row, generated)
             if state is not None:
                 restrict(scores, row, self.top_k, lambda t: is_done(state) if t == self.close_id else self.cache.fits(state, t),
                          lambda: self.cache.could_fit(state, [self.close_id]))
-            elif self.must_open(input_ids[row].tolist(), generated):
+            elif self.must_open(row_ids, generated):
                 scores[row] = torch.where(torch.arange(scores.shape[1], device=scores.device) == self.open_id,
                                           0.0, float("-inf"))
             else:
-                row_ids = input_ids[row].tolist()
                 if row_ids.count(self.open_id) <= row_ids.count(self.close_id):  # no block open, here or in the prompt
                     scores[row, self.close_id] = float("-inf")  # a stray </tool_call> would only be noise in the text
                 if self.max_calls is not None and generated.count(self.close_id) >= self.max_calls:
