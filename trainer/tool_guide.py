@@ -241,9 +241,7 @@ def _pattern_allows(pattern, data, done=False):
         if done or e.reason != "unexpected end of data":
             return False
         head, tail = data[:e.start], data[e.start:]
-        size = 2 if tail[0] >= 0xC0 else 0
-        size = 3 if tail[0] >= 0xE0 else size
-        size = 4 if tail[0] >= 0xF0 else size
+        size = 4 if tail[0] >= 0xF0 else 3 if tail[0] >= 0xE0 else 2  # from the lead byte
         missing = size - len(tail)
         text = head.decode("utf-8")
         fill = [range(0x80, 0xC0)] * min(missing, 2) + [[0x80]] * max(missing - 2, 0)
