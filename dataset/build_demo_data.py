@@ -965,9 +965,24 @@ def write_manifest(out_dir, args_line):
                 data = f.read()
             lines = data.count(b"\n")
             rows.append(f"| {name} | {lines} | {len(data)} | {STAGE_NOTE[name]} |\n")
-    text = MANIFEST_HEAD + "".join(rows) + f"\nLast build: `{args_line}`\n"
+    text = MANIFEST_HEAD + "".join(rows) + f"\nLast build: `{args_line}`\nGenerator: `{generator_fingerprint()}`\n"
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(text)
+
+
+# The code and files the data is made from: when one changes (a newer checkout), --if_missing builds again, so a
+# folder from an older version (say, tool schemas without their patterns) is never silently reused.
+GENERATOR_FILES = ("dataset/build_demo_data.py", "dataset/lm_dataset.py", "trainer/tools.py", "model/tokenizer.json",
+                   "model/tokenizer_config.json")
+
+
+def generator_fingerprint():
+    """A short hash of GENERATOR_FILES (line endings normalised, so a Windows checkout hashes the same)."""
+    h = hashlib.sha256()
+    for rel in GENERATOR_FILES:
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            h.update(f.read().replace(b"\r\n", b"\n"))
+    return h.hexdigest()[:16]
 
 
 def build_command(seed=42, stages=None, pretrain_zh_chars=PRETRAIN_ZH_CHARS, pretrain_en_chars=0, sizes=None):
@@ -1022,25 +1037,33 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_
     return out
 
 
-def missing_files(out_dir=DEFAULT_OUT):
-    return [n for files in FILES.values() for n in files if not os.path.exists(os.path.join(out_dir, n))]
+def missing_files(out_dir=DEFAULT_OUT, stages=None):
+    return [n for stage in stages or FILES for n in FILES[stage] if not os.path.exists(os.path.join(out_dir, n))]
 
 
-def up_to_date(out_dir, command):
-    """Every file is there, and the manifest says the last build was `command` (the same flags): a folder built
-    with other sizes, e.g. the drills of an older `scripts/demo.py --smeared_keys`, is built again."""
+def manifest_field(text, name):
+    """The `value` of the manifest line `name: `value``, or None."""
+    m = re.search(rf"^{name}: `([^`]*)`$", text, re.M)
+    return m and m[1]
+
+
+def up_to_date(out_dir, command, stages=None):
+    """Every file is there, and the manifest says the last build was `command` (the same flags) by this version
+    of the generator: a folder built with other sizes (the drills of an older `scripts/demo.py --smeared_keys`) or
+    by older code is built again."""
     try:
         with open(os.path.join(out_dir, "README.md"), encoding="utf-8") as f:
-            last = f.read().rsplit("Last build: `", 1)[-1].split("`", 1)[0]
+            manifest = f.read()
     except OSError:
         return False
-    return not missing_files(out_dir) and last == command
+    return (not missing_files(out_dir, stages) and manifest_field(manifest, "Last build") == command
+            and manifest_field(manifest, "Generator") == generator_fingerprint())
 
 
 def ensure_demo_data(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_ZH_CHARS, pretrain_en_chars=0,
                      verbose=True, **sizes):
     """Build the demo data unless it is up to date (every file there, built with these flags). Returns out_dir."""
-    if not up_to_date(out_dir, build_command(seed, stages, pretrain_zh_chars, pretrain_en_chars, sizes)):
+    if not up_to_date(out_dir, build_command(seed, stages, pretrain_zh_chars, pretrain_en_chars, sizes), stages):
         build(out_dir, seed, stages, pretrain_zh_chars, pretrain_en_chars, verbose, **sizes)
     return out_dir
 
@@ -1051,7 +1074,8 @@ def main(argv=None):
     p.add_argument("--seed", type=seed_int, default=42)
     p.add_argument("--only", nargs="+", choices=list(FILES), help="build only these stages")
     p.add_argument("--if_missing", action="store_true",
-                   help="do nothing when every file already exists from a build with the same flags (the folder's README.md says)")
+                   help="do nothing when every file already exists from a build with the same flags by the same generator "
+                        "code (the folder's README.md says)")
     p.add_argument("--pretrain_zh_chars", type=nonneg_int, default=PRETRAIN_ZH_CHARS,
                    help="Chinese characters of People's Daily to use (0 = all, ~1.8M)")
     p.add_argument("--pretrain_en_chars", type=nonneg_int, default=0, help="English characters to use (0 = all, ~0.2M)")
@@ -1060,7 +1084,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     sizes = {k: getattr(args, k) for k in SIZES}
     if args.if_missing and up_to_date(args.out_dir, build_command(args.seed, args.only, args.pretrain_zh_chars,
-                                                                  args.pretrain_en_chars, sizes)):
+                                                                  args.pretrain_en_chars, sizes), args.only):
         print(f"{args.out_dir}: demo data already present")
         return
     build(args.out_dir, args.seed, args.only, args.pretrain_zh_chars, args.pretrain_en_chars, **sizes)

@@ -223,6 +223,21 @@ def test_ensure_demo_data_builds_only_when_missing(tmp_path):
     assert B.up_to_date(d, B.build_command(42, None, 4000, 2000, dict(chat_only, sft=60)))
 
 
+def test_ensure_demo_data_builds_again_after_a_generator_change(tmp_path, monkeypatch):
+    """A folder built by an older checkout (other generator code, tool schemas, tokenizer) is not reused."""
+    d = str(tmp_path)
+    sizes = dict(SMALL, sft=50, dpo=30, r1=30, lora_identity=20, lora_medical=10)
+    B.ensure_demo_data(d, stages=["dpo"], verbose=False, **sizes)
+    assert f"Generator: `{B.generator_fingerprint()}`" in open(os.path.join(d, "README.md"), encoding="utf-8").read()
+    stamp = os.stat(os.path.join(d, "dpo.jsonl")).st_mtime_ns
+    B.ensure_demo_data(d, stages=["dpo"], verbose=False, **sizes)
+    assert os.stat(os.path.join(d, "dpo.jsonl")).st_mtime_ns == stamp  # same code: untouched
+    monkeypatch.setattr(B, "generator_fingerprint", lambda: "0123456789abcdef")  # as after a `git pull`
+    B.ensure_demo_data(d, stages=["dpo"], verbose=False, **sizes)
+    assert os.stat(os.path.join(d, "dpo.jsonl")).st_mtime_ns != stamp
+    assert "Generator: `0123456789abcdef`" in open(os.path.join(d, "README.md"), encoding="utf-8").read()
+
+
 def test_default_sizes_are_reached(tmp_path):
     """Template pools must be big enough that the default line counts are really produced."""
     chat = [s for s in B.FILES if s != "pretrain"]
