@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dataset.lm_dataset import SFTDataset, load_tokenizer, make_collate, make_pack_collate
 from model.model_minimind import count_parameters
-from trainer_utils import (Context, UserError, add_bool, build_parser, load_from_weight, load_weights, resolve_weight,
-                           run_main, train)
+from trainer_utils import (Context, UserError, add_bool, build_parser, load_from_weight, load_weights, positive_int,
+                           resolve_weight, run_main, str2bool, train)
 
 KL_CHUNK_ROWS = 1024  # positions whose full-vocabulary log-probs exist at once
 
@@ -96,6 +96,13 @@ def main():
     add_bool(g, "--teacher_use_moe", help="the teacher is a mixture-of-experts model (names the file of a stage prefix)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the CE part; 1 - alpha weighs the teacher's (1: plain SFT)")
     g.add_argument("--temperature", type=float, default=1.0, help="softens both distributions in the KL part (1: as they are)")
+    g = parser.add_argument_group("MiniMind-3's names for the flags above (its train_distillation.py command lines run as they are)")
+    for alias, flag, kind in [("--student_hidden_size", "dim", positive_int), ("--student_num_layers", "n_layers", positive_int),
+                              ("--student_use_moe", "use_moe", str2bool), ("--from_student_weight", "from_weight", str),
+                              ("--teacher_hidden_size", "teacher_dim", positive_int),
+                              ("--teacher_num_layers", "teacher_n_layers", positive_int), ("--from_teacher_weight", "teacher_weight", str)]:
+        g.add_argument(alias, dest=flag, type=kind, default=argparse.SUPPRESS, help=f"= --{flag}",
+                       metavar="0|1" if kind is str2bool else None)
     args = parser.parse_args()
     if not 0 <= args.alpha <= 1:
         raise UserError(f"--alpha {args.alpha}: must be between 0 (teacher only) and 1 (labels only)")

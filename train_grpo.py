@@ -16,7 +16,8 @@ import torch
 
 from dataset.lm_dataset import load_tokenizer
 from trainer.rewards import Rewards, add_reward_args, reward_metrics, score_rollout
-from trainer.rollout import add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps
+from trainer.rollout import (add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps,
+                             show_samples)
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
                            float_in, nonneg_float, positive_float,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
@@ -107,9 +108,6 @@ def main():
     started, stopped_early = (time.time(), state["step"]), False
 
     def log_record():
-        if args.show_samples:  # the last rollout's first group
-            for text, r in zip(rollout.texts[:G], reward[:G].tolist()):
-                ctx.print(f"    reward {r:+.3f} | {text!r}")
         return {**means.read(ctx), "lr": lr}
 
     for batches in step_batches(loader, sampler, state, steps_per_epoch, total_steps, args):
@@ -144,6 +142,7 @@ def main():
                        "rollout_share": rollout_s / max(time.time() - t0, 1e-9)})
         optimizer_step(ctx, state, [(optimizer, params)], args.grad_clip, skips, bad)
         state["step"] += 1
+        show_samples(args, ctx, state["step"], rollout, reward, G)
 
         if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips):
             stopped_early = True

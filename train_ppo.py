@@ -18,9 +18,10 @@ from torch import nn
 
 from dataset.lm_dataset import load_tokenizer
 from trainer.rewards import Rewards, add_reward_args, reward_metrics, score_rollout
-from trainer.rollout import add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps
+from trainer.rollout import (add_rollout_args, check_rollout_args, generate_rollout, load_prompts, reply_logps,
+                             show_samples)
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
-                           float_in, nonneg_float, positive_float, positive_int,
+                           add_bool, float_in, nonneg_float, positive_float, positive_int,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
                            optimizer_step, run_main, set_lr, step_batches, unwrap, wrap_ddp)
 
@@ -117,6 +118,8 @@ def main():
     g.add_argument("--lam", type=float_in(0, 1), default=0.95, help="GAE lambda (1: Monte Carlo returns, 0: one-step TD)")
     g.add_argument("--target_kl", "--early_stop_kl", dest="target_kl", type=nonneg_float, default=0.1,
                    help="stop the passes over a batch when the approximate KL to the sampling policy exceeds this (0: never)")
+    add_bool(g, "--debug_log_ratio", help="print |log(new/old)| of each step's first mini-batch: before any update it "
+                                          "should be ~0 (the rollout's log-probs are the policy's)")
     g.add_argument("--critic_learning_rate", type=positive_float, default=5e-6, help="peak LR of the critic (same schedule)")
     args = parser.parse_args()
     n_replies = args.batch_size * args.num_generations
@@ -189,6 +192,10 @@ def main():
                     policy_loss, value_loss, approx_kl, metrics = ppo_losses(
                         logps, old_logps[mb], advantages[mb], values, old_values[mb], returns[mb], mask[mb],
                         args.epsilon, args.value_clip)
+                if args.debug_log_ratio and updates == 0:  # before any update: the stored log-probs must be the policy's
+                    log_ratio = ((logps.detach().float() - old_logps[mb]) * mask[mb]).abs()
+                    ctx.print(f"    step {state['step'] + 1} first mini-batch |log ratio|: mean "
+                              f"{log_ratio.sum().item() / mask[mb].sum().clamp(min=1).item():.2e}, max {log_ratio.max().item():.2e}")
                 # every rank takes the same decision, so DDP's collective calls stay matched
                 if args.target_kl > 0 and ctx.all_reduce_mean(approx_kl.clone()).item() > args.target_kl:
                     early_stop = True
@@ -205,6 +212,7 @@ def main():
                    "kl": ((old_logps - ref_logps) * mask).sum() / mask.sum().clamp(min=1),
                    "reply_len": mask.sum(dim=1).mean(), "updates": updates, "early_stop": float(early_stop)})
         state["step"] += 1
+        show_samples(args, ctx, state["step"], rollout, scores, G)
 
         if after_step(args, ctx, state, total_steps, parts, logger, log_record, started, skips):
             stopped_early = True

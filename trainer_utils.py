@@ -57,7 +57,8 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g.add_argument("--tokenizer_path", default="model", help="folder with tokenizer.json / tokenizer_config.json")
     if from_weight is not None:
         g.add_argument("--from_weight", default=from_weight,
-                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason, grpo, ...) or a .pth path")
+                       help="weights to start from: a stage prefix in --out_dir (pretrain, full_sft, rlhf, reason, grpo, ...), "
+                            "a .pth path, or none (a new model from the flags above)")
     g.add_argument("--save_weight", type=plain_name, default=out_weight, help="prefix of the weight file this stage writes")
 
     g = p.add_argument_group("data")
@@ -98,17 +99,19 @@ def build_parser(description, *, out_weight, epochs, batch_size, learning_rate, 
     g = p.add_argument_group("system")
     g.add_argument("--device", type=device_name, default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]; torchrun sets the GPU per process")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="autocast dtype on CUDA (CPU runs float32)")
-    g.add_argument("--compile", type=str2bool, nargs="?", const=True, default=None, metavar="0|1",
+    g.add_argument("--compile", "--use_compile", dest="compile", type=str2bool, nargs="?", const=True, default=None, metavar="0|1",
                    help="torch.compile the model; the first steps are slower while it compiles (unset: on for CUDA where "
                         "Triton is installed, falling back to eager if compiling fails; it trained 26M 1.5-2x faster on an "
                         "H200, benchmarks/gpu.md. Off on the CPU)")
     add_bool(g, "--ddp", help="accepted for MiniMind compatibility; DDP is used whenever torchrun starts the script")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                   help="accepted for torch.distributed.launch, which passes it; the rank is read from the environment")
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--out_dir", default="out", help="where weight, resume and log files go")
+    g.add_argument("--out_dir", "--save_dir", dest="out_dir", default="out", help="where weight, resume and log files go")
     g.add_argument("--log_interval", type=positive_int, default=log_interval, help="optimizer steps between log lines")
     g.add_argument("--save_interval", type=positive_int, default=save_interval, help="optimizer steps between checkpoints (the end always saves)")
-    add_bool(g, "--resume", help="continue from the resume file in --out_dir if there is one")
+    add_bool(g, "--resume", "--from_resume", help="continue from the resume file in --out_dir if there is one")
     g.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="dtype of the weight file")
     add_bool(g, "--use_wandb", help="log to Weights & Biases (offline mode without an API key)")
     g.add_argument("--wandb_project", default="MiniMind", help="wandb project name")
@@ -365,6 +368,8 @@ def resolve_weight(args, name):
 def load_from_weight(args, name=None, finite=False):
     """The model this stage starts from (--from_weight), loaded strictly. finite: refuse weights holding NaN/inf
     (a stage that samples from the model, such as RL, cannot even start with them)."""
+    if (name or args.from_weight) == "none":  # MiniMind's spelling for "from scratch"
+        return MiniMindForCausalLM(model_config_from_args(args))
     path, maker = resolve_weight(args, name or args.from_weight)
     model = load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
     check_weight_tokenizer(path, model, args.tokenizer_path)

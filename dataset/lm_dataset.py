@@ -31,6 +31,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import re
 import sys
 from array import array
@@ -886,20 +887,27 @@ class RLPromptDataset(RecordDataset):
     reply_prefix is any part of the assistant turn the template pre-fills (e.g. "<think>\\n"), which the
     rewards read in front of the sampled reply. A prompt longer than max_length keeps its last tokens.
     enable_thinking (None: not passed) goes to the chat template, which then opens the reply with <think>
-    or pre-fills an empty think block."""
+    or pre-fills an empty think block. thinking_ratio (instead): prompt i thinks with that probability, drawn
+    from i alone, so every epoch and a resumed run give each prompt the same mode."""
     kind, check = "rl", check_rl
 
     def __init__(self, path, tokenizer, max_length=512, enable_thinking=None, skip_bad_lines=False, cache_index="auto",
-                 conversations_column="conversations"):
+                 conversations_column="conversations", thinking_ratio=None):
         super().__init__(path, tokenizer, max_length, skip_bad_lines, cache_index,
                          columns={"conversations": conversations_column})
-        self.enable_thinking = enable_thinking
+        self.enable_thinking, self.thinking_ratio = enable_thinking, thinking_ratio
+
+    def thinking(self, i):
+        if self.thinking_ratio is None:
+            return self.enable_thinking
+        return random.Random(f"thinking-{i}").random() < self.thinking_ratio
 
     def __getitem__(self, i):
         rec = self.record(i)
         msgs, tools = chat_messages(rec["conversations"], "conversations", line_tools(rec), rl_prompt=True)
         messages = msgs[:max(j for j, m in enumerate(msgs) if m["role"] == "assistant")]
-        kwargs = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        thinking = self.thinking(i)
+        kwargs = {} if thinking is None else {"enable_thinking": thinking}
         text = render_chat(self.tokenizer, messages, tools, add_generation_prompt=True, **kwargs)
         header = f"{self.tokenizer.bos_token}assistant\n"
         reply_prefix = text.rsplit(header, 1)[1] if header in text else ""

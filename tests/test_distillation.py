@@ -211,6 +211,21 @@ def test_training_leaves_the_teacher_unchanged_and_logs_both_parts(files, tmp_pa
     assert log[-1]["kd"] < log[0]["kd"]
 
 
+def test_minimind3_flag_names_train_the_same_student(files, tmp_path):
+    """MiniMind-3's train_distillation.py spelling of the same run: the same student, bit for bit."""
+    rest = ["--n_heads", "4", "--n_kv_heads", "2", "--device", "cpu", "--num_workers", "0", "--log_interval", "1",
+            "--max_seq_len", "64", "--learning_rate", "1e-3", "--data_path", files["sft"], "--batch_size", "4", "--max_steps", "3"]
+    ours, theirs = fresh_out(files, tmp_path / "ours"), fresh_out(files, tmp_path / "theirs")
+    run("train_distillation.py", *rest, "--dim", "32", "--n_layers", "2", "--from_weight", "full_sft", "--teacher_weight", "full_sft",
+        "--teacher_dim", "64", "--teacher_n_layers", "2", "--out_dir", ours)
+    run("train_distillation.py", *rest, "--student_hidden_size", "32", "--student_num_layers", "2", "--student_use_moe", "0",
+        "--from_student_weight", "full_sft", "--from_teacher_weight", "full_sft", "--teacher_hidden_size", "64",
+        "--teacher_num_layers", "2", "--teacher_use_moe", "0", "--save_dir", theirs, "--from_resume", "0", "--use_compile", "0")
+    a = torch.load(f"{ours}/full_dist_32.pth", weights_only=True)
+    b = torch.load(f"{theirs}/full_dist_32.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_alpha_one_trains_exactly_like_train_full_sft(files, tmp_path):
     flags = [*COMMON, "--data_path", files["sft"], "--batch_size", "4", "--max_steps", "3", "--packing", "1"]
     out_sft, out_kd = fresh_out(files, tmp_path / "sft"), fresh_out(files, tmp_path / "kd")

@@ -369,6 +369,35 @@ def test_rl_dataset_reads_minimind_shape_and_ground_truth(tmp_path, tok):
         VerifiableRLPromptDataset(str(tmp_path / "r.jsonl"), tok)
 
 
+def test_thinking_ratio_gives_each_prompt_a_fixed_mode(tmp_path, tok):
+    path = write_jsonl(tmp_path / "r.jsonl", [user(f"{a}+{a}=?", str(2 * a)) for a in range(40)])
+    prefixes = lambda ratio: [s["reply_prefix"] for s in RLPromptDataset(path, tok, thinking_ratio=ratio)]  # noqa: E731
+    half = prefixes(0.5)
+    assert set(half) == {"<think>\n", "<think>\n\n</think>\n"} and 10 <= half.count("<think>\n") <= 30
+    assert half == prefixes(0.5)  # drawn per prompt: the same in every epoch and after a resume
+    assert set(prefixes(1.0)) == {"<think>\n"} and set(prefixes(0.0)) == {"<think>\n\n</think>\n"}
+
+
+def test_minimind3_rl_flags(rl_dir, tmp_path):
+    """MiniMind-3's --debug_mode / --debug_interval / --debug_log_ratio / --thinking_ratio / --rollout_engine torch /
+    --save_dir: samples are shown, and before PPO's first update the policy's log-probs equal the rollout's."""
+    common = [*RL_FLAGS, "--from_weight", str(rl_dir / "reason_64.pth"), "--data_path", str(rl_dir / "rlaif.jsonl"),
+              "--max_steps", "2", "--debug_mode", "--debug_interval", "2", "--thinking_ratio", "0.5", "--rollout_engine", "torch"]
+    proc = run("train_ppo.py", *common, "--num_generations", "2", "--mini_batch_size", "2", "--debug_log_ratio",
+               "--save_dir", str(tmp_path / "ppo"))
+    ratios = [float(line.split("mean ")[1].split(",")[0]) for line in proc.stdout.splitlines() if "|log ratio|" in line]
+    assert len(ratios) == 2 and all(r < 1e-4 for r in ratios), proc.stdout
+    assert proc.stdout.count("    reward ") == 2  # step 2 only: one prompt's 2 replies
+    assert os.path.exists(tmp_path / "ppo" / "ppo_64.pth")
+    proc = run("train_grpo.py", *common, "--out_dir", str(tmp_path / "grpo"))
+    assert proc.stdout.count("    reward ") == 4  # the group of 4 replies, at step 2
+    proc = run("train_grpo.py", *common, "--out_dir", str(tmp_path / "x"), "--rollout_engine", "sglang",
+               "--sglang_base_url", "http://localhost:8998", check=False)
+    assert_one_line_error(proc, "--rollout_engine sglang", "drop the flag")
+    proc = run("train_grpo.py", *common, "--out_dir", str(tmp_path / "x"), "--enable_thinking", "1", check=False)
+    assert_one_line_error(proc, "--thinking_ratio", "--enable_thinking")
+
+
 @pytest.mark.parametrize("line, problem", [
     ('{"conversations": [{"role": "user", "content": "hi"}]}', "no assistant message"),
     ('{"conversations": [{"role": "assistant", "content": ""}]}', "starts with an assistant message"),

@@ -202,6 +202,27 @@ def test_resume_matches_uninterrupted(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_minimind3_flag_names_give_the_same_run_and_pretraining_continues_from_a_weight(data, tmp_path):
+    """MiniMind-3's command lines run as they are (--save_dir, --from_resume, --use_compile, --hidden_size,
+    --from_weight none; --local_rank from torch.distributed.launch) and train exactly what ours do; --from_weight
+    <stage> continues pretraining from that file."""
+    common = ["--device", "cpu", "--num_workers", "0", "--log_interval", "1", "--n_heads", "4", "--n_kv_heads", "2",
+              "--max_seq_len", "32", "--batch_size", "4", "--data_path", data["pretrain"], "--learning_rate", "1e-2", "--max_steps", "6"]
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    run("train_pretrain.py", *common, "--dim", "64", "--n_layers", "2", "--compile", "0", "--out_dir", ours)
+    run("train_pretrain.py", *common, "--hidden_size", "64", "--num_hidden_layers", "2", "--use_compile", "0", "--save_dir", theirs,
+        "--from_resume", "0", "--from_weight", "none", "--local_rank", "0")
+    a = torch.load(f"{ours}/pretrain_64.pth", weights_only=True)
+    b = torch.load(f"{theirs}/pretrain_64.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run("train_pretrain.py", *common, "--dim", "64", "--n_layers", "2", "--compile", "0", "--out_dir", ours,
+        "--from_weight", "pretrain", "--save_weight", "pretrain2", "--max_steps", "2")
+    fresh, continued = read_log(ours, "pretrain_64.jsonl"), read_log(ours, "pretrain2_64.jsonl")
+    assert continued[0]["loss"] < fresh[0]["loss"] - 1.0, (fresh, continued)  # it starts where the first run ended
+    with open(f"{ours}/pretrain2_64.json") as f:
+        assert json.load(f)["hidden_size"] == 64
+
+
 # ----------------------------------------------------------------------------------------------------
 # Each stage's loss, in process
 # ----------------------------------------------------------------------------------------------------

@@ -30,20 +30,43 @@ def add_rollout_args(parser, num_generations):
     g.add_argument("--enable_thinking", type=str2bool, nargs="?", const=True, default=None, metavar="0|1",
                    help="passed to the chat template: 1 opens the reply with <think>, 0 pre-fills an empty think "
                         "block; unset: the template's plain generation prompt")
-    add_bool(g, "--show_samples", help="print one prompt's replies and rewards at every log line")
+    g.add_argument("--thinking_ratio", type=float_in(0, 1), default=None,
+                   help="instead of --enable_thinking: this share of the prompts get thinking on, the rest off (drawn "
+                        "once per prompt, so a resumed run sees the same), as MiniMind-3 trains")
+    add_bool(g, "--show_samples", "--debug_mode", help="print one prompt's replies and rewards (--debug_mode: MiniMind-3's name)")
+    g.add_argument("--sample_interval", "--debug_interval", dest="sample_interval", type=positive_int, default=None,
+                   help="with --show_samples: every this many steps (unset: at every log line)")
+    g.add_argument("--rollout_engine", default="torch", choices=["torch", "sglang"],
+                   help="torch: sampled in-process with the KV cache (generate_rollout); MiniMind-3's sglang (an "
+                        "SGLang server) is not supported here")
+    for name in ("--sglang_base_url", "--sglang_model_path", "--sglang_shared_path"):
+        g.add_argument(name, default=None, help="read only with --rollout_engine sglang (accepted so MiniMind-3 command lines parse)")
     return g
 
 
 def check_rollout_args(args):
     if args.compile:
         raise UserError("--compile is not supported for RL (the rollout shapes change at every step)")
+    if args.rollout_engine == "sglang":
+        raise UserError("--rollout_engine sglang: this toolkit samples rollouts in-process with the KV cache "
+                        "(trainer/rollout.py), not from an SGLang server; drop the flag (torch is the default)")
+    if args.thinking_ratio is not None and args.enable_thinking is not None:
+        raise UserError("--thinking_ratio and --enable_thinking both given: pass one (a share of prompts thinking, or all/none)")
 
 
 def load_prompts(args, tokenizer, need_gt):
     """The RL prompts of --data_path; with need_gt (a reward checks answers) every line must carry its answer."""
     dataset = VerifiableRLPromptDataset if need_gt else RLPromptDataset
     return dataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
-                   skip_bad_lines=args.skip_bad_lines, conversations_column=args.conversations_column)
+                   thinking_ratio=args.thinking_ratio, skip_bad_lines=args.skip_bad_lines,
+                   conversations_column=args.conversations_column)
+
+
+def show_samples(args, ctx, step, rollout, rewards, group_size):
+    """--show_samples: the first prompt's replies of the step's last rollout with their rewards."""
+    if args.show_samples and step % (args.sample_interval or args.log_interval) == 0:
+        for text, r in zip(rollout.texts[:group_size], rewards[:group_size].tolist()):
+            ctx.print(f"    reward {r:+.3f} | {text!r}")
 
 
 @dataclass
