@@ -286,6 +286,24 @@ def test_json_reply_guide_keeps_a_pattern():
     assert verdict('{"date": "soon"}', schema) == "invalid"
 
 
+def test_string_lengths_are_counted_in_characters():
+    from trainer.tool_guide import clean_schema
+    schema = clean_schema({"type": "object", "properties": {
+        "name": {"type": "string", "minLength": 2, "maxLength": 4},
+        "code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3}}})
+    for text, want in [('{"name": "ab"}', "complete"), ('{"name": "abcd"}', "complete"),
+                       ('{"name": "计算机器"}', "complete"),  # four characters, twelve bytes
+                       ('{"name": "a\\n\\u00e9b"}', "complete"),  # an escape sequence is one character
+                       ('{"name": "a"}', "invalid"), ('{"name": "abcde', "invalid"), ('{"name": "计算机器人', "invalid"),
+                       ('{"name": "abcd\\', "invalid"), ('{"code": "ABC"}', "complete"), ('{"code": "ABCD', "invalid"),
+                       ('{"code": "AB1', "invalid")]:
+        assert verdict(text, schema) == want, text
+    # limits no string meets, or not lengths at all, are not enforced
+    for limits in [{"minLength": 5, "maxLength": 2}, {"maxLength": -1}, {"maxLength": "3"}, {"maxLength": True}]:
+        loose = clean_schema({"type": "object", "properties": {"s": {"type": "string", **limits}}})
+        assert verdict('{"s": "a long string"}', loose) == "complete", limits
+
+
 def test_after_max_calls_no_block_opens_and_no_stray_closing_tag_is_written(tok):
     prompt = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
     call = tok.encode('<tool_call>\n{"name": "dates", "arguments": {"start": "2021-05-20"}}\n</tool_call>', add_special_tokens=False)

@@ -18,7 +18,8 @@ sampling samples among the fitting ones of the top_k.
 What a schema can say here: `type` (string, number, integer, boolean, null, object, array, or a list of
 them), `enum` of strings, a string's `pattern` (a regular expression the string must contain a match of, as
 JSON Schema says; anchor it with ^...$ to match the whole string: every character written must keep a match
-possible, and the string closes only on a match; such a string is written without backslash escapes), object
+possible, and the string closes only on a match; such a string is written without backslash escapes), its
+`minLength` and `maxLength` (in characters; an escape sequence counts as one), object
 `properties` (the only keys allowed, each at most once) and `required` (the object closes only once they are
 all there), array `items`. Anything else allows any JSON value.
 The JSON is compact, as the chat template writes calls: at most one whitespace character in a row, so a
@@ -26,6 +27,7 @@ model pushed off its track cannot stall in spaces and newlines.
 """
 import functools
 import itertools
+import math
 import weakref
 
 import regex  # partial matching: can what is written so far still become a match?
@@ -111,6 +113,11 @@ def clean_schema(schema):
     enum = schema.get("enum")
     if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
         out["enum"] = enum
+    lengths = {k: schema.get(k) for k in ("minLength", "maxLength")}
+    if ("enum" not in out and "string" in out.get("type", ["string"])
+            and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in lengths.values())
+            and (lengths["minLength"] or 0) <= (lengths["maxLength"] if lengths["maxLength"] is not None else math.inf)):
+        out.update({k: v for k, v in lengths.items() if v is not None})  # (limits no string meets are not enforced)
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and "enum" not in out and "string" in out.get("type", ["string"]):
         try:
@@ -141,9 +148,10 @@ def call_schema(tools):
 # The automaton. A state is (frames, whitespace run); frames are tuples, the innermost last:
 #   ("end",)                           the call is complete: only whitespace, then </tool_call>
 #   ("value", schema)                  a JSON value is due
-#   ("str", choices, sofar, escape)    in a string; choices: the bytes it must equal (or None); escape: 0, or
-#                                      1 just after a backslash, 2-5: that many \u hex digits to go, plus one
-#   ("pat", pattern, sofar)            in a string that must match `pattern` (compiled); sofar: its bytes
+#   ("str", choices, sofar, escape, size)  in a string; choices: the bytes it must equal (or None); escape: 0,
+#                                      or 1 just after a backslash, 2-5: that many \u hex digits to go, plus one;
+#                                      size: None, or (characters so far, minLength, maxLength or None)
+#   ("pat", pattern, sofar, size)      in a string that must match `pattern` (compiled); sofar: its bytes
 #   ("num", integer, phase)            in a number
 #   ("lit", rest)                      in true/false/null: the bytes still due
 #   ("obj", schema, seen, phase, name) in an object: phase first | key | colon | next; seen: keys so far;
@@ -161,6 +169,25 @@ def _types(schema):
 def _string_choices(schema):
     enum = (schema or {}).get("enum")  # clean_schema keeps only enums of strings
     return tuple(v.encode("utf-8") for v in enum) if enum else None
+
+
+def _string_size(schema):
+    """(0 characters so far, minLength, maxLength) when the schema limits a string's length, else None."""
+    lo, hi = (schema or {}).get("minLength", 0), (schema or {}).get("maxLength")
+    return (0, lo, hi) if lo or hi is not None else None
+
+
+def _grow(size, b):
+    """A string's size after byte b: a byte that starts a character (not a UTF-8 continuation byte; an escape
+    sequence counts once, at its backslash) adds one. False: one character more than maxLength."""
+    if size is None or b & 0xC0 == 0x80:
+        return size
+    count, lo, hi = size
+    return False if hi is not None and count >= hi else (count + 1, lo, hi)
+
+
+def _long_enough(size):
+    return size is None or size[0] >= size[1]
 
 
 def _keys_left(schema, seen):
@@ -182,8 +209,8 @@ def _open_value(frames, schema, b):
     allowed = lambda *names: types is None or any(n in types for n in names)  # noqa: E731
     if b == ord('"') and allowed("string"):
         if schema and "pattern" in schema:
-            return frames + (("pat", schema["pattern"], b""),)
-        return frames + (("str", _string_choices(schema), b"", 0),)
+            return frames + (("pat", schema["pattern"], b"", _string_size(schema)),)
+        return frames + (("str", _string_choices(schema), b"", 0, _string_size(schema)),)
     if (b == ord("-") or b in DIGITS) and allowed("number", "integer"):
         integer = types is not None and "integer" in types and "number" not in types
         return frames + (("num", integer, "sign" if b == ord("-") else "zero" if b == ord("0") else "int"),)
@@ -268,31 +295,37 @@ def step(state, b):
     top = frames[-1]
     kind = top[0]
     if kind == "str":
-        _, choices, sofar, escape = top
+        _, choices, sofar, escape, size = top
         if escape == 1:
             if b == ord("u"):
-                return frames[:-1] + (("str", choices, sofar, 5),), 0
-            return (frames[:-1] + (("str", choices, sofar, 0),), 0) if b in ESCAPES else None
+                return frames[:-1] + (("str", choices, sofar, 5, size),), 0
+            return (frames[:-1] + (("str", choices, sofar, 0, size),), 0) if b in ESCAPES else None
         if escape > 1:
-            return (frames[:-1] + (("str", choices, sofar, 0 if escape == 2 else escape - 1),), 0) if b in HEX else None
+            return (frames[:-1] + (("str", choices, sofar, 0 if escape == 2 else escape - 1, size),), 0) if b in HEX else None
         if b == ord('"'):
             if choices is None:
-                return _value_done(frames[:-1]), 0
+                return (_value_done(frames[:-1]), 0) if _long_enough(size) else None
             return (_value_done(frames[:-1], sofar), 0) if sofar in choices else None
         if b < 0x20:
             return None
         if choices is None:
-            return (frames[:-1] + (("str", None, b"", 1),), 0) if b == ord("\\") else (frames, 0)
+            if size is None and b != ord("\\"):
+                return frames, 0
+            size = _grow(size, b)
+            return (frames[:-1] + (("str", None, b"", int(b == ord("\\")), size),), 0) if size is not False else None
         sofar += bytes([b])  # no escapes in keys and names: they are written plainly
-        return (frames[:-1] + (("str", choices, sofar, 0),), 0) if any(c.startswith(sofar) for c in choices) else None
+        return (frames[:-1] + (("str", choices, sofar, 0, None),), 0) if any(c.startswith(sofar) for c in choices) else None
     if kind == "pat":
-        _, pattern, sofar = top
+        _, pattern, sofar, size = top
         if b == ord('"'):
-            return (_value_done(frames[:-1]), 0) if _pattern_allows(pattern, sofar, done=True) else None
+            return (_value_done(frames[:-1]), 0) if _long_enough(size) and _pattern_allows(pattern, sofar, done=True) else None
         if b < 0x20 or b == ord("\\"):
             return None
+        size = _grow(size, b)
+        if size is False:
+            return None
         sofar += bytes([b])
-        return (frames[:-1] + (("pat", pattern, sofar),), 0) if _pattern_allows(pattern, sofar) else None
+        return (frames[:-1] + (("pat", pattern, sofar, size),), 0) if _pattern_allows(pattern, sofar) else None
     if kind == "num":
         _, integer, phase = top
         nxt = _number_phase(phase, b, integer)
@@ -318,7 +351,7 @@ def step(state, b):
             choices = None if left is None else tuple(k.encode("utf-8") for k in left)
             if choices == ():
                 return None
-            return frames[:-1] + (("obj", schema, seen, "colon", name), ("str", choices, b"", 0)), 0
+            return frames[:-1] + (("obj", schema, seen, "colon", name), ("str", choices, b"", 0, None)), 0
         if phase == "colon" and b == ord(":"):
             value = ("value", _member_schema(schema, seen[-1] if seen else None, name))
             return frames[:-1] + (("obj", schema, seen, "next", name), value), 0
