@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import sys
+import time
 
 import torch
 from transformers import LogitsProcessorList
@@ -98,10 +99,10 @@ def get_args(argv=None):
     g.add_argument("--weight", default=None,
                    help="any stage's weight file instead of --model_mode: its prefix in --out_dir (pretrain, full_sft, rlhf, "
                         "reason, grpo, ppo, ...) or a .pth path")
-    g.add_argument("--lora_name", type=plain_name, default=None,
+    g.add_argument("--lora_name", "--lora_weight", dest="lora_name", type=plain_name, default=None,
                    help="apply {out_dir}/lora/{NAME}_{dim}.pth (made by train_lora.py --lora_name NAME) on the model; "
                         "use the --model_mode it was trained on (default: no LoRA)")
-    g.add_argument("--out_dir", default="out", help="folder with the weight files (default out)")
+    g.add_argument("--out_dir", "--save_dir", dest="out_dir", default="out", help="folder with the weight files (default out)")
     g.add_argument("--dim", "--hidden_size", dest="dim", type=positive_int, default=512,
                    help="hidden size: part of the file name; also builds a plain .pth that has no .json beside it (default 512)")
     g.add_argument("--n_layers", "--num_hidden_layers", dest="n_layers", type=positive_int, default=8,
@@ -112,6 +113,8 @@ def get_args(argv=None):
     g.add_argument("--load", type=int, default=0, choices=[0, 1],
                    help="0: native .pth from --out_dir; 1: a transformers folder given by --model_path (default 0)")
     g.add_argument("--model_path", default=None, help="transformers model folder for --load 1 (default MiniMind2)")
+    g.add_argument("--load_from", default=None,
+                   help="MiniMind-3's spelling: model = --load 0, a folder = --load 1 --model_path FOLDER")
     g.add_argument("--tokenizer_path", default="model",
                    help="tokenizer folder (default model; with --load 1 the model folder's own tokenizer wins if it has one)")
 
@@ -120,11 +123,11 @@ def get_args(argv=None):
     g.add_argument("--top_p", type=float_in(0, 1, lo_open=True), default=0.85, help="nucleus sampling mass (default 0.85)")
     g.add_argument("--max_new_tokens", "--max_seq_len", dest="max_new_tokens", type=positive_int, default=512,
                    help="most tokens per reply (MiniMind calls it --max_seq_len) (default 512)")
-    g.add_argument("--history_cnt", type=nonneg_int, default=0,
+    g.add_argument("--history_cnt", "--historys", dest="history_cnt", type=nonneg_int, default=0,
                    help="chat modes: past messages kept as context, 2 per turn (user + assistant); 0: every prompt stands "
                         "alone (default 0)")
     g.add_argument("--seed", type=seed_int, default=42, help="every reply is sampled with a generator seeded with this (default 42)")
-    add_bool(g, "--enable_thinking", default=None,
+    add_bool(g, "--enable_thinking", "--open_thinking", default=None,
              help="1: the reply starts inside a pre-filled <think> block; 0: an empty think block is pre-filled, so the "
                   "model answers directly (default: neither; a reasoning model opens <think> itself)")
     add_tool_args(p, "offered to the model; its calls run and the results go back to it")
@@ -134,8 +137,12 @@ def get_args(argv=None):
                    help="a prompt to answer (repeatable); without it a terminal gets the menu, piped stdin is read "
                         "one prompt a line (a first line 0 or 1 answers the menu)")
     add_bool(g, "--stream", default=True, help="print each reply token by token (default 1)")
+    add_bool(g, "--show_speed", help="after each reply, its decoding speed in tokens/s, on stderr (default 0)")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     args = p.parse_args(argv)
+    if args.load_from is not None:
+        if args.load_from != "model":
+            args.load, args.model_path = 1, args.load_from
     if args.model_path is not None and args.load == 0:  # it would be ignored: the native .pth would answer instead
         p.error("--model_path is read only with --load 1 (a transformers folder); add --load 1, or drop --model_path")
     args.model_path = args.model_path or "MiniMind2"
@@ -213,6 +220,7 @@ def generate_ids(model, tokenizer, ids, args, guide=None):
     (the ToolCallGuide of a reply with tools)."""
     x = torch.tensor([ids], device=args.device)
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    started, count = time.time(), 0
     if hasattr(model, "stream_generate"):  # our MiniMindForCausalLM, from a .pth or a transformers folder
         gen = torch.Generator(device=x.device).manual_seed(args.seed)
         new = model.stream_generate(x, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -229,8 +237,11 @@ def generate_ids(model, tokenizer, ids, args, guide=None):
         new = out[0, len(ids):].tolist()
     for t in new:
         if t in stop:
-            return
+            break
+        count += 1
         yield t
+    if args.show_speed:  # on stderr: the reply's text on stdout stays as it was
+        print(f"[Speed]: {count / max(time.time() - started, 1e-9):.2f} tokens/s", file=sys.stderr, flush=True)
 
 
 def show(piece, style):

@@ -41,8 +41,8 @@ def cmd(out_dir, *flags):
             *map(str, flags)]
 
 
-def run(flags, stdin=""):
-    return run_script("eval_model.py", *flags, stdin=stdin, env={"NO_COLOR": "1"})
+def run(flags, stdin="", script="eval_model.py"):
+    return run_script(script, *flags, stdin=stdin, env={"NO_COLOR": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,11 @@ def runs(out, base_sha):
     jobs["manual1_nostream"] = (cmd(out, "--model_mode", 1, "--stream", 0), "1\nhello\nhello\n")
     jobs["manual3_lora"] = (cmd(out, "--model_mode", 3, "--temperature", 0, "--lora_name", "lora_medical"), "1\nhello\nhello\n")
     jobs["manual3_hf"] = (cmd(out, "--model_mode", 3, "--temperature", 0, "--load", 1, "--model_path", out / "hf"), "1\nhello\nhello\n")
+    # the same two runs in MiniMind-3's spelling, as its eval_llm.py takes them
+    minimind3 = ["--save_dir", str(out), "--hidden_size", "64", "--num_hidden_layers", "2", "--device", "cpu",
+                 "--max_new_tokens", "8", "--temperature", "0", "--historys", "0", "--show_speed", "1"]
+    jobs["manual3_lora_minimind3"] = ([*minimind3, "--weight", "reason", "--lora_weight", "lora_medical"], "1\nhello\nhello\n", "eval_llm.py")
+    jobs["manual3_hf_minimind3"] = ([*minimind3, "--load_from", str(out / "hf")], "1\nhello\nhello\n", "eval_llm.py")
     jobs["missing_ckpt"] = (cmd(out / "empty", "--model_mode", 3, "--prompt", "hi"), "")
     jobs["missing_lora"] = (cmd(out, "--model_mode", 2, "--lora_name", "lora_nope", "--prompt", "hi"), "")
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -161,6 +166,13 @@ def test_piped_manual_input_reseeds_every_reply(runs, mode):
 def test_greedy_is_deterministic_across_runs_and_loaders(runs):
     # the reason weights again, as a save_pretrained folder, in another process: the same greedy text
     assert ok(runs["manual3_hf"]()) == ok(runs["manual3"]())
+
+
+def test_minimind3_eval_llm_command_lines_give_the_same_replies(runs):
+    for name in ("manual3_lora", "manual3_hf"):
+        theirs = runs[f"{name}_minimind3"]()
+        assert ok(theirs) == ok(runs[name]())
+        assert theirs.stderr.count("[Speed]: ") == 2  # --show_speed 1: one line per reply
 
 
 def test_stream_prints_the_same_text_as_no_stream(runs):
@@ -208,6 +220,11 @@ def test_flag_spellings():
     a = get_args(["--hidden_size", "768", "--num_hidden_layers", "16", "--use_moe", "true", "--max_seq_len", "80",
                   "--lora_name", "None", "--stream", "0"])
     assert (a.dim, a.n_layers, a.use_moe, a.max_new_tokens, a.lora_name, a.stream) == (768, 16, True, 80, None, False)
+    a = get_args(["--save_dir", "runs", "--lora_weight", "lora_medical", "--open_thinking", "1", "--historys", "2",
+                  "--load_from", "MiniMind2-Small", "--show_speed", "0"])  # MiniMind-3's eval_llm.py names
+    assert (a.out_dir, a.lora_name, a.enable_thinking, a.history_cnt, a.load, a.model_path, a.show_speed) == (
+        "runs", "lora_medical", True, 2, 1, "MiniMind2-Small", False)
+    assert get_args(["--load_from", "model"]).load == 0  # MiniMind-3's default: the native weights
     assert set(LORA_PROMPTS) == {"lora_identity", "lora_medical"}
 
 
