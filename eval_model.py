@@ -27,7 +27,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from dataset.lm_dataset import load_tokenizer, render_chat
-from model.model_minimind import count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
+from model.model_minimind import MiniMindConfig, count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
 from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
 from trainer.tool_guide import ToolCallGuide, can_guide
@@ -137,6 +137,8 @@ def get_args(argv=None):
                    help="a prompt to answer (repeatable); without it a terminal gets the menu, piped stdin is read "
                         "one prompt a line (a first line 0 or 1 answers the menu)")
     add_bool(g, "--stream", default=True, help="print each reply token by token (default 1)")
+    add_bool(g, "--inference_rope_scaling", help="YaRN: stretch RoPE 16x past the trained length, as MiniMind-3's flag "
+                                                 "does (it fixes the positions only, not what the model learned; default 0)")
     add_bool(g, "--show_speed", help="after each reply, its decoding speed in tokens/s, on stderr (default 0)")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     args = p.parse_args(argv)
@@ -192,6 +194,14 @@ def load_model(args):
         has_own = os.path.isfile(os.path.join(args.model_path, "tokenizer.json"))
         tokenizer = load_tokenizer(args.model_path if has_own else args.tokenizer_path)
         what, dim = args.model_path, model.config.hidden_size
+    if args.inference_rope_scaling:
+        if not isinstance(model.config, MiniMindConfig):
+            raise UserError(f"--inference_rope_scaling needs this toolkit's model code, and {what} loads as "
+                            f"{type(model).__name__}: use its native .pth instead")
+        # RoPE is computed from the config at every forward: YaRN (MiniMind's default setting) from here on
+        model.config.inference_rope_scaling = True
+        model.config.yarn_scaling = model.config.yarn_scaling or MiniMindConfig(inference_rope_scaling=True).yarn_scaling
+        what += " + YaRN"
     if args.lora_name:
         lora_path = lora_weight_path(args.out_dir, args.lora_name, dim)
         if not os.path.exists(lora_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from eval_model import BOT, CHAT_PROMPTS, LORA_PROMPTS, PRETRAIN_PROMPTS, USER, get_args, prompt_ids
+from eval_model import BOT, CHAT_PROMPTS, LORA_PROMPTS, PRETRAIN_PROMPTS, USER, get_args, load_model, prompt_ids
 from model.model_lora import apply_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from trainer_utils import save_weights
@@ -226,6 +226,18 @@ def test_flag_spellings():
         "runs", "lora_medical", True, 2, 1, "MiniMind2-Small", False)
     assert get_args(["--load_from", "model"]).load == 0  # MiniMind-3's default: the native weights
     assert set(LORA_PROMPTS) == {"lora_identity", "lora_medical"}
+
+
+def test_inference_rope_scaling_switches_yarn_on(out):
+    """MiniMind-3's --inference_rope_scaling: the loaded model's RoPE is YaRN-stretched from then on."""
+    plain, _, _ = load_model(get_args(cmd(out, "--model_mode", 3)))
+    yarn, _, what = load_model(get_args(cmd(out, "--model_mode", 3, "--inference_rope_scaling", 1)))
+    assert "+ YaRN (" in what
+    assert yarn.config.yarn_scaling["factor"] == 16 and plain.config.yarn_scaling is None
+    x = torch.arange(3, 203).view(1, -1)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x).logits, yarn(x).logits, atol=1e-4)
+        assert torch.equal(plain(x).logits, load_model(get_args(cmd(out, "--model_mode", 3)))[0](x).logits)
 
 
 def test_reason_reply_keeps_think_and_dims_it_on_a_terminal(capsys):
