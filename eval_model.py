@@ -27,7 +27,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from dataset.lm_dataset import load_tokenizer, render_chat
-from model.model_minimind import MiniMindConfig, count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
+from model.model_minimind import DEFAULT_YARN, MiniMindConfig, count_parameters, stream_text  # also registers "minimind" with AutoModelForCausalLM
 from model.model_lora import load_lora
 from trainer.chat import THINK_PREFILL, add_tool_args, chat_turn, tools_from_args
 from trainer.tool_guide import ToolCallGuide, can_guide
@@ -142,9 +142,8 @@ def get_args(argv=None):
     add_bool(g, "--show_speed", help="after each reply, its decoding speed in tokens/s, on stderr (default 0)")
     g.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     args = p.parse_args(argv)
-    if args.load_from is not None:
-        if args.load_from != "model":
-            args.load, args.model_path = 1, args.load_from
+    if args.load_from not in (None, "model"):  # "model": MiniMind-3's name for the native weights, --load 0
+        args.load, args.model_path = 1, args.load_from
     if args.model_path is not None and args.load == 0:  # it would be ignored: the native .pth would answer instead
         p.error("--model_path is read only with --load 1 (a transformers folder); add --load 1, or drop --model_path")
     args.model_path = args.model_path or "MiniMind2"
@@ -183,13 +182,13 @@ def load_model(args):
         dim = args.dim
     else:
         if not os.path.isdir(args.model_path):
-            raise UserError(f"--model_path {args.model_path}: no such folder (a transformers model folder, "
+            raise UserError(f"--model_path (--load_from) {args.model_path}: no such folder (a transformers model folder, "
                             f"e.g. written by model.save_pretrained or scripts/convert_model.py)")
         from transformers import AutoModelForCausalLM
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model_path, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"--model_path {args.model_path}: cannot load a transformers model "
+            raise UserError(f"--model_path (--load_from) {args.model_path}: cannot load a transformers model "
                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         has_own = os.path.isfile(os.path.join(args.model_path, "tokenizer.json"))
         tokenizer = load_tokenizer(args.model_path if has_own else args.tokenizer_path)
@@ -200,7 +199,7 @@ def load_model(args):
                             f"{type(model).__name__}: use its native .pth instead")
         # RoPE is computed from the config at every forward: YaRN (MiniMind's default setting) from here on
         model.config.inference_rope_scaling = True
-        model.config.yarn_scaling = model.config.yarn_scaling or MiniMindConfig(inference_rope_scaling=True).yarn_scaling
+        model.config.yarn_scaling = model.config.yarn_scaling or dict(DEFAULT_YARN)
         what += " + YaRN"
     if args.lora_name:
         lora_path = lora_weight_path(args.out_dir, args.lora_name, dim)

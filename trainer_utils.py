@@ -368,9 +368,10 @@ def resolve_weight(args, name):
 def load_from_weight(args, name=None, finite=False):
     """The model this stage starts from (--from_weight), loaded strictly. finite: refuse weights holding NaN/inf
     (a stage that samples from the model, such as RL, cannot even start with them)."""
-    if (name or args.from_weight) == "none":  # MiniMind's spelling for "from scratch"
+    name = name or args.from_weight
+    if name == "none":  # MiniMind's spelling for "from scratch"
         return MiniMindForCausalLM(model_config_from_args(args))
-    path, maker = resolve_weight(args, name or args.from_weight)
+    path, maker = resolve_weight(args, name)
     model = load_weights(path, args=args, what_makes_it=maker, dropout=args.dropout)
     check_weight_tokenizer(path, model, args.tokenizer_path)
     bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()] if finite else []

@@ -33,6 +33,11 @@ def output_cache(out):
 # ----------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------
+# MiniMind's `inference_rope_scaling` setting: RoPE stretched 16x past a trained length of 2048 positions.
+DEFAULT_YARN = dict(type="yarn", factor=16, original_max_position_embeddings=2048, beta_fast=32.0, beta_slow=1.0,
+                    attention_factor=1.0)
+
+
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
 
@@ -102,8 +107,7 @@ class MiniMindConfig(PretrainedConfig):
         # Stored as `yarn_scaling`: transformers 5 reserves `rope_scaling` for its own RoPE machinery.
         yarn = kwargs.pop("yarn_scaling", None) or rope_scaling
         if inference_rope_scaling and yarn is None:
-            yarn = dict(type="yarn", factor=16, original_max_position_embeddings=2048,
-                        beta_fast=32.0, beta_slow=1.0, attention_factor=1.0)
+            yarn = dict(DEFAULT_YARN)
         self.yarn_scaling = yarn
         self.use_moe = use_moe
         self.num_experts_per_tok = num_experts_per_tok

@@ -27,7 +27,6 @@ model pushed off its track cannot stall in spaces and newlines.
 """
 import functools
 import itertools
-import math
 import weakref
 
 import regex  # partial matching: can what is written so far still become a match?
@@ -113,13 +112,13 @@ def clean_schema(schema):
     enum = schema.get("enum")
     if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
         out["enum"] = enum
-    lengths = {k: schema.get(k) for k in ("minLength", "maxLength")}
-    if ("enum" not in out and "string" in out.get("type", ["string"])
-            and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in lengths.values())
-            and (lengths["minLength"] or 0) <= (lengths["maxLength"] if lengths["maxLength"] is not None else math.inf)):
-        out.update({k: v for k, v in lengths.items() if v is not None})  # (limits no string meets are not enforced)
+    free_string = "enum" not in out and "string" in out.get("type", ["string"])
+    lo, hi = schema.get("minLength"), schema.get("maxLength")
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if free_string and (lo is None or is_count(lo)) and (hi is None or is_count(hi)) and (hi is None or (lo or 0) <= hi):
+        out.update({k: v for k, v in (("minLength", lo), ("maxLength", hi)) if v is not None})  # (no string meets lo > hi: not enforced)
     pattern = schema.get("pattern")
-    if isinstance(pattern, str) and "enum" not in out and "string" in out.get("type", ["string"]):
+    if isinstance(pattern, str) and free_string:
         try:
             out["pattern"] = regex.compile(pattern)
         except regex.error:
