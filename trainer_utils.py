@@ -28,7 +28,7 @@ from trainer.tokenizer_fingerprint import tokenizer_mismatch, tokenizer_record
 
 STAGE_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "rlhf": "train_dpo.py",
                  "reason": "train_distill_reason.py", "full_dist": "train_distillation.py", "grpo": "train_grpo.py",
-                 "ppo": "train_ppo.py"}
+                 "ppo": "train_ppo.py", "agent": "train_agent.py"}
 MODEL_MODES = {0: "pretrain", 1: "full_sft", 2: "rlhf", 3: "reason"}  # --model_mode of eval_model.py and the tools
 
 

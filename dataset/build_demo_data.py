@@ -35,7 +35,7 @@ from trainer.tools import TOOLS, run_tool_call  # noqa: E402  (the tool-use data
 DEFAULT_OUT = os.path.join(ROOT, "dataset", "demo")
 SIZES = dict(  # default line counts; each is a --flag (pretrain_tools, _records, _arith: see pretrain_mix())
     pretrain_eval=200, pretrain_tools=3000, pretrain_records=1000, pretrain_arith=1000, pretrain_drills=0, sft=4000, sft_eval=200, sft_tools=150, tool_eval=100, dpo=1000, dpo_eval=200, r1=1200, r1_eval=200,
-    lora_identity=800, lora_identity_eval=60, lora_medical=400, rlaif=1000, rlaif_eval=200,
+    lora_identity=800, lora_identity_eval=60, lora_medical=400, rlaif=1000, rlaif_eval=200, agent_rl=300,
 )
 FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
     "pretrain": ["pretrain_hq.jsonl", "pretrain_eval.jsonl"],
@@ -45,6 +45,7 @@ FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)
     "lora_identity": ["lora_identity.jsonl", "lora_identity_eval.jsonl"],
     "lora_medical": ["lora_medical.jsonl"],
     "rlaif": ["rlaif.jsonl", "rlaif_eval.jsonl"],
+    "agent_rl": ["agent_rl.jsonl"],
 }
 PRETRAIN_ZH_CHARS = 230_000  # People's Daily characters in pretraining: the mix takes most of the tokens
 EVAL_PERMILLE = 100  # share of chat prompts reserved for eval files (10%)
@@ -704,6 +705,18 @@ def training_tool_conversation(rng):
             return conv
 
 
+def build_agent_rl(rng, n):
+    """MiniMind-3's agent_rl.jsonl shape: the prompt (system turn with tools, user question), the reference reply
+    (the conversation's last message, which train_agent.py does not use) and "gt": the last tool result, which
+    the final answer should hold ([] for a question that needs no tool)."""
+    records = []
+    for _ in range(n):
+        conv = training_tool_conversation(rng)
+        results = [m["content"] for m in conv if m["role"] == "tool"]
+        records.append({"conversations": conv[:2] + conv[-1:], "gt": results[-1:]})
+    return records
+
+
 def build_tool_eval(rng, n_eval):
     return [{"conversations": tool_conversation(rng, held_out=True)} for _ in range(n_eval)]
 
@@ -930,7 +943,9 @@ MANIFEST_HEAD = """# MiniMind demo data
 Built by `python dataset/build_demo_data.py` (offline, deterministic). Formats are MiniMind's:
 pretrain `{"text": ...}`; SFT / LoRA / reasoning `{"conversations": [{"role", "content"}, ...]}`;
 DPO `{"chosen": [messages], "rejected": [messages]}`; RL prompts `{"conversations": [user, empty assistant],
-"gt": answer}`. `*_eval.jsonl` files are held out: their prompts
+"gt": answer}`; agent RL
+prompts (MiniMind-3's agent_rl.jsonl) `{"conversations": [system with "tools", user, reference reply], "gt": [values]}`.
+`*_eval.jsonl` files are held out: their prompts
 never occur in any training file.
 
 Sources: Chinese prose = People's Daily, January 1998 (segmented/POS-tagged corpus of Peking University's
@@ -953,6 +968,7 @@ STAGE_NOTE = {
     "lora_identity.jsonl": "LoRA identity (小星 / XiaoXing)", "lora_identity_eval.jsonl": "LoRA identity (unseen phrasings)",
     "lora_medical.jsonl": "LoRA medical domain",
     "rlaif.jsonl": "RL prompts with ground truth (GRPO / PPO)", "rlaif_eval.jsonl": "RL (held out, unseen numbers)",
+    "agent_rl.jsonl": "agent RL prompts offering tools, with the tool result the answer should hold (train_agent.py)",
 }
 
 
@@ -1023,6 +1039,8 @@ def build(out_dir=DEFAULT_OUT, seed=42, stages=None, pretrain_zh_chars=PRETRAIN_
             tr, ev = build_lora_identity(rng(stage), sz["lora_identity"], sz["lora_identity_eval"])
         elif stage == "rlaif":
             tr, ev = build_rlaif(rng(stage), sz["rlaif"], sz["rlaif_eval"])
+        elif stage == "agent_rl":
+            tr, ev = build_agent_rl(rng(stage), sz["agent_rl"]), None
         elif stage == "lora_medical":
             tr, ev = build_lora_medical(rng(stage), sz["lora_medical"]), None
         else:

@@ -912,9 +912,44 @@ class RLPromptDataset(RecordDataset):
         header = f"{self.tokenizer.bos_token}assistant\n"
         reply_prefix = text.rsplit(header, 1)[1] if header in text else ""
         return {"prompt_ids": self.encode_text(text)[-self.max_length:], "messages": messages, "tools": tools,
-                "reply_prefix": reply_prefix, "gt": ground_truth(rec)}
+                "reply_prefix": reply_prefix, "template_kwargs": kwargs, "gt": ground_truth(rec)}
 
 
 class VerifiableRLPromptDataset(RLPromptDataset):
     """RL prompts that must each carry a ground truth (what --rewards answer checks replies against)."""
     kind, check = "rl_gt", check_rl_with_gt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Agent RL prompts (train_agent.py): MiniMind-3's agent_rl.jsonl, a conversation whose system message offers
+# "tools" and whose last assistant message (a reference reply, not used) follows the prompt, plus "gt": the
+# values the final answer must hold after the tool calls (a list; [] when there is nothing to check).
+
+AGENT = ('agent RL data ({"conversations": [{"role": "system", "tools": [...]}, {"role": "user", ...}, '
+         '{"role": "assistant", ...}], "gt": [...]})')
+
+
+def check_agent(obj):
+    if "conversations" not in obj:
+        return wrong_stage(obj, AGENT, "conversations")
+    extra = [k for k in obj if k not in ("conversations", "tools", "gt", "answer")]
+    if extra:
+        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by agent RL',
+                EXTRA_HINT)
+    msgs = obj["conversations"]
+    if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) and not any(m.get("role") == "assistant" for m in msgs):
+        return ('"conversations" has no assistant message, so nothing marks where the episode starts',
+                f'End each conversation with an assistant message (its content is not used). {SKIP_HINT}')
+    msgs, _ = chat_messages(msgs, "conversations", line_tools(obj), rl_prompt=True)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if msgs[last - 1]["role"] not in ("user", "tool"):
+        return ("the prompt (everything before the last assistant message) does not end with a user or tool message",
+                SKIP_HINT)
+    if obj.get("gt") == []:  # nothing to check in the final answer (MiniMind-3's data has such lines)
+        return None
+    return check_ground_truth(obj)
+
+
+class AgentPromptDataset(RLPromptDataset):
+    """Agent RL prompts: an RL prompt sample, with "gt" all the values the final answer should hold."""
+    kind, check = "agent", check_agent

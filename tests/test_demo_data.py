@@ -13,11 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset import build_demo_data as B  # noqa: E402
-from dataset.lm_dataset import check_dpo, check_pretrain, check_rl_with_gt, check_sft  # noqa: E402
+from dataset.lm_dataset import check_agent, check_dpo, check_pretrain, check_rl_with_gt, check_sft  # noqa: E402
 from trainer.tools import TOOLS, run_tool_call  # noqa: E402
 
 SMALL = dict(pretrain_eval=20, pretrain_tools=60, pretrain_records=30, pretrain_arith=30, sft=300, sft_eval=40, sft_tools=60, tool_eval=30, dpo=200, dpo_eval=40, r1=200, r1_eval=40,
-             lora_identity=100, lora_identity_eval=20, lora_medical=50, rlaif=100, rlaif_eval=20)
+             lora_identity=100, lora_identity_eval=20, lora_medical=50, rlaif=100, rlaif_eval=20, agent_rl=60)
 TRAIN_EVAL = [("pretrain_hq.jsonl", "pretrain_eval.jsonl"), ("sft_mini_512.jsonl", "sft_eval.jsonl"),
               ("dpo.jsonl", "dpo_eval.jsonl"), ("r1_mix_1024.jsonl", "r1_eval.jsonl"),
               ("lora_identity.jsonl", "lora_identity_eval.jsonl"), ("rlaif.jsonl", "rlaif_eval.jsonl")]
@@ -57,9 +57,10 @@ def test_build_is_byte_identical_twice(small, tmp_path):
 def test_every_file_has_its_stage_format_and_requested_size(small):
     counts = {"pretrain_eval.jsonl": 20, "sft_mini_512.jsonl": 360, "sft_eval.jsonl": 40, "tool_eval.jsonl": 30, "dpo.jsonl": 200,
               "dpo_eval.jsonl": 40, "r1_mix_1024.jsonl": 200, "r1_eval.jsonl": 40, "lora_identity.jsonl": 100,
-              "lora_identity_eval.jsonl": 20, "lora_medical.jsonl": 50, "rlaif.jsonl": 100, "rlaif_eval.jsonl": 20}
+              "lora_identity_eval.jsonl": 20, "lora_medical.jsonl": 50, "rlaif.jsonl": 100, "rlaif_eval.jsonl": 20,
+              "agent_rl.jsonl": 60}
     for stage, files in B.FILES.items():
-        check = {"pretrain": check_pretrain, "dpo": check_dpo, "rlaif": check_rl_with_gt}.get(stage, check_sft)
+        check = {"pretrain": check_pretrain, "dpo": check_dpo, "rlaif": check_rl_with_gt, "agent_rl": check_agent}.get(stage, check_sft)
         for name in files:
             recs = read(small, name)
             assert recs and all(check(r) is None for r in recs), name
@@ -67,6 +68,18 @@ def test_every_file_has_its_stage_format_and_requested_size(small):
                 assert len(recs) == counts[name], name
     manifest = open(os.path.join(small, "README.md"), encoding="utf-8").read()
     assert "| sft_mini_512.jsonl | 360 |" in manifest and "People's Daily" in manifest
+
+
+def test_agent_prompts_hold_the_tool_result_as_gt(small):
+    """agent_rl: each line's gt is the result of the tool calls its reference reply was written from, and that reply
+    holds it; about one in six needs no tool (gt [])."""
+    recs = read(small, "agent_rl.jsonl")
+    with_tool = [r for r in recs if r["gt"]]
+    assert 0.7 * len(recs) < len(with_tool) < len(recs)
+    for r in with_tool:
+        (result,) = r["gt"]
+        assert [m["role"] for m in r["conversations"]] == ["system", "user", "assistant"]
+        assert result in r["conversations"][-1]["content"]
 
 
 def test_eval_splits_never_overlap_training(small):
@@ -78,7 +91,7 @@ def test_eval_splits_never_overlap_training(small):
     # no eval prompt is asked in ANY training file of any stage
     train_prompts = set().union(*(prompts(read(small, n)) for n in
                                   ["sft_mini_512.jsonl", "dpo.jsonl", "r1_mix_1024.jsonl", "lora_identity.jsonl", "lora_medical.jsonl",
-                                   "rlaif.jsonl"]))
+                                   "rlaif.jsonl", "agent_rl.jsonl"]))
     for ev in ["sft_eval.jsonl", "dpo_eval.jsonl", "r1_eval.jsonl", "lora_identity_eval.jsonl", "rlaif_eval.jsonl"]:
         assert not prompts(read(small, ev)) & train_prompts, ev
 

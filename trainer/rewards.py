@@ -20,9 +20,6 @@ import torch
 
 from trainer_utils import UserError, nonneg_int, positive_int
 
-REWARD_NAMES = ("format", "answer", "repetition", "length", "model")
-
-
 @dataclass
 class Reply:
     """What a reward sees: the prompt, the assistant's text (anything the template pre-filled, then the
@@ -164,12 +161,14 @@ class RewardModel:
 
 # ----------------------------------------------------------------------------------------------------
 # combining them
-def add_reward_args(parser, rewards):
+REWARDS_HELP = ("comma-separated rewards to add up: format (the <think>/<answer> template), answer (right final answer; "
+                "needs \"gt\" in the data), repetition (repeated 3-grams), length (--length_min..--length_max characters), "
+                "model (--reward_model_path)")
+
+
+def add_reward_args(parser, rewards, rewards_help=REWARDS_HELP):
     g = parser.add_argument_group("rewards")
-    g.add_argument("--rewards", default=rewards,
-                   help="comma-separated rewards to add up: format (the <think>/<answer> template), answer (right final "
-                        "answer; needs \"gt\" in the data), repetition (repeated 3-grams), length (--length_min..--length_max "
-                        "characters), model (--reward_model_path)")
+    g.add_argument("--rewards", default=rewards, help=rewards_help)
     g.add_argument("--reward_weights", default=None, help="comma-separated weights, one per reward; unset: all 1")
     g.add_argument("--length_min", type=nonneg_int, default=20, help="length reward: shortest reply without penalty, in characters")
     g.add_argument("--length_max", type=positive_int, default=800, help="length reward: longest reply without penalty, in characters")
@@ -191,15 +190,22 @@ def reward_metrics(total, parts):
     return {"reward": total.mean(), "reward_std": total.std(unbiased=False), **{f"reward_{k}": v.mean() for k, v in parts.items()}}
 
 
-class Rewards:
-    """The weighted sum of the rewards named by --rewards; also returns each part for the log."""
+REPLY_REWARDS = {"format": format_reward, "answer": answer_reward, "repetition": repetition_reward}
 
-    def __init__(self, args, device):
+
+class Rewards:
+    """The weighted sum of the rewards named by --rewards; also returns each part for the log.
+    functions: the rewards of one reply by name (train_agent.py scores whole episodes with its own); length
+    and model are always there."""
+
+    def __init__(self, args, device, functions=REPLY_REWARDS):
+        self.functions = functions
+        known = [*functions, "length", "model"]
         self.names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-        unknown = [n for n in self.names if n not in REWARD_NAMES]
+        unknown = [n for n in self.names if n not in known]
         if not self.names or unknown:
             raise UserError(f"--rewards {args.rewards}: unknown reward {', '.join(unknown) or '(none)'}; "
-                            f"choose from {', '.join(REWARD_NAMES)}")
+                            f"choose from {', '.join(known)}")
         if len(set(self.names)) != len(self.names):
             raise UserError(f"--rewards {args.rewards}: a reward is named twice")
         self.weights = [1.0] * len(self.names)
@@ -225,8 +231,7 @@ class Rewards:
             return self.reward_model(replies)
         if name == "length":
             return [length_reward(r, *self.length) for r in replies]
-        fn = {"format": format_reward, "answer": answer_reward, "repetition": repetition_reward}[name]
-        return [fn(r) for r in replies]
+        return [self.functions[name](r) for r in replies]
 
     def __call__(self, replies, device):
         """-> (total reward per reply [N], {name: that reward per reply [N]})."""
