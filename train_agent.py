@@ -19,13 +19,13 @@ import torch
 from dataset.lm_dataset import AgentPromptDataset, chat_messages, line_tools, load_tokenizer
 from trainer.agent import EPISODE_REWARDS, agent_rollout
 from trainer.rewards import Rewards, add_reward_args, reward_metrics
-from trainer.rollout import add_rollout_args, check_rollout_args, reply_logps, show_samples
+from trainer.rollout import add_rollout_args, check_rollout_args, show_samples
 from trainer.tools import ToolError, select_tools
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
-                           float_in, nonneg_float, positive_float, positive_int,
+                           positive_float, positive_int,
                            count_steps, end_run, get_lr, load_from_weight, load_resume, make_loader, make_optimizer, new_run_state,
                            optimizer_step, run_main, set_lr, step_batches, wrap_ddp)
-from train_grpo import group_advantages, grpo_loss
+from train_grpo import add_grpo_args, group_advantages, rollout_loss
 
 AGENT_REWARDS_HELP = ("comma-separated rewards to add up, each scored on a whole episode: answer (the share of the data's "
                       "\"gt\" values the final answer holds, numbers compared as numbers), tools (the share of the "
@@ -63,13 +63,7 @@ def main():
                    help="the most tokens of an episode (prompt, replies, tool results); one that would pass it stops "
                         "without a final answer")
     g.add_argument("--tool_timeout", type=positive_float, default=5.0, help="seconds a tool call may take")
-    g = parser.add_argument_group("GRPO")
-    g.add_argument("--loss_type", default="cispo", choices=["grpo", "cispo"],
-                   help="grpo: PPO-style clipped ratio (--epsilon); cispo: clipped, stop-gradient importance weight times "
-                        "log-prob (--epsilon_high), MiniMind's default")
-    g.add_argument("--epsilon", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.2, help="grpo: the ratio is clipped to [1 - epsilon, 1 + epsilon]")
-    g.add_argument("--epsilon_high", type=positive_float, default=5.0, help="cispo: upper bound of the importance weight")
-    g.add_argument("--beta", type=nonneg_float, default=0.1, help="weight of the per-token KL to the reference (0: no reference model)")
+    add_grpo_args(parser, beta=0.1)  # MiniMind-3's agent default
     args = parser.parse_args()
     if args.num_generations < 2:
         raise UserError(f"--num_generations {args.num_generations}: GRPO compares episodes within a group; use 2 or more")
@@ -131,17 +125,10 @@ def main():
             # 2. rewards of whole episodes -> group-relative advantages
             reward, reward_parts = rewards(episodes, ctx.device)
             advantages, no_signal = group_advantages(reward, G)
-            # 3. the loss on the policy's own tokens (reply_mask is 0 on tool results and the template's glue)
+            # 3. GRPO's loss on the policy's own tokens (reply_mask is 0 on tool results and the template's glue)
             last = micro == len(batches) - 1
             with (ddp_model.no_sync() if ctx.ddp and not last else contextlib.nullcontext()), ctx.autocast:
-                logps, aux_loss = reply_logps(ddp_model, rollout, args.temperature)
-                ref_logps = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_logps, _ = reply_logps(reference, rollout, args.temperature)
-                loss, metrics = grpo_loss(logps, rollout.old_logps, ref_logps, advantages, rollout.reply_mask,
-                                          args.loss_type, args.epsilon, args.epsilon_high, args.beta)
-                loss = loss + aux_loss
+                loss, metrics = rollout_loss(ddp_model, reference, rollout, advantages, args)
                 bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 ctx.scaler.scale(loss / len(batches)).backward()
             per_episode = lambda f: sum(f(e) for e in episodes) / len(episodes)  # noqa: E731

@@ -64,19 +64,37 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type="grpo", e
     return loss, metrics
 
 
-def main():
-    parser = build_parser("MiniMind GRPO / CISPO: reinforcement learning from rewards", out_weight="grpo", epochs=1,
-                          batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl", data_column="conversations",
-                          from_weight="reason", log_interval=1, save_interval=50, num_workers=0)
-    add_rollout_args(parser, num_generations=8)
-    add_reward_args(parser, rewards="format,answer")
+def rollout_loss(model, reference, rollout, advantages, args):
+    """grpo_loss of a rollout: the log-probs of its sampled tokens under the policy (with gradients) and the
+    frozen reference (None: no KL term), plus the policy forward's MoE balancing loss."""
+    logps, aux_loss = reply_logps(model, rollout, args.temperature)
+    ref_logps = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_logps, _ = reply_logps(reference, rollout, args.temperature)
+    loss, metrics = grpo_loss(logps, rollout.old_logps, ref_logps, advantages, rollout.reply_mask,
+                              args.loss_type, args.epsilon, args.epsilon_high, args.beta)
+    return loss + aux_loss, metrics
+
+
+def add_grpo_args(parser, beta):
     g = parser.add_argument_group("GRPO")
     g.add_argument("--loss_type", default="cispo", choices=["grpo", "cispo"],
                    help="grpo: PPO-style clipped ratio (--epsilon); cispo: clipped, stop-gradient importance weight times "
                         "log-prob (--epsilon_high), MiniMind's default")
     g.add_argument("--epsilon", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.2, help="grpo: the ratio is clipped to [1 - epsilon, 1 + epsilon]")
     g.add_argument("--epsilon_high", type=positive_float, default=5.0, help="cispo: upper bound of the importance weight")
-    g.add_argument("--beta", type=nonneg_float, default=0.04, help="weight of the per-token KL to the reference (0: no reference model)")
+    g.add_argument("--beta", type=nonneg_float, default=beta, help="weight of the per-token KL to the reference (0: no reference model)")
+    return g
+
+
+def main():
+    parser = build_parser("MiniMind GRPO / CISPO: reinforcement learning from rewards", out_weight="grpo", epochs=1,
+                          batch_size=8, learning_rate=1e-6, max_seq_len=512, data_path="dataset/rlaif.jsonl", data_column="conversations",
+                          from_weight="reason", log_interval=1, save_interval=50, num_workers=0)
+    add_rollout_args(parser, num_generations=8)
+    add_reward_args(parser, rewards="format,answer")
+    add_grpo_args(parser, beta=0.04)
     args = parser.parse_args()
     if args.num_generations < 2:
         raise UserError(f"--num_generations {args.num_generations}: GRPO compares replies within a group; use 2 or more")
@@ -127,14 +145,7 @@ def main():
             # 3. the loss on the policy's (and reference's) log-probs of the sampled tokens
             last = micro == len(batches) - 1
             with (ddp_model.no_sync() if ctx.ddp and not last else contextlib.nullcontext()), ctx.autocast:
-                logps, aux_loss = reply_logps(ddp_model, rollout, args.temperature)
-                ref_logps = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_logps, _ = reply_logps(reference, rollout, args.temperature)
-                loss, metrics = grpo_loss(logps, rollout.old_logps, ref_logps, advantages, rollout.reply_mask,
-                                          args.loss_type, args.epsilon, args.epsilon_high, args.beta)
-                loss = loss + aux_loss
+                loss, metrics = rollout_loss(ddp_model, reference, rollout, advantages, args)
                 bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
                 ctx.scaler.scale(loss / len(batches)).backward()
             means.add({"loss": loss, **reward_metrics(reward, reward_parts), **metrics,

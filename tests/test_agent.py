@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT
 from test_train import TINY_FLAGS, assert_one_line_error, read_log, run, write_jsonl
-from tiny_chat import CALCULATOR, HELLO, HELLO_REPLY, MATH, MATH_ANSWER, MATH_RESULT
+from tiny_chat import CALCULATOR, HELLO, MATH, MATH_ANSWER, MATH_RESULT
 
 from dataset.lm_dataset import AgentPromptDataset, DataFormatError, load_tokenizer, render_chat
 from trainer.agent import Episode, agent_rollout, answer_reward, format_reward, tools_reward
