@@ -162,6 +162,12 @@ def parse_tool_calls(value, what):
     return out
 
 
+def _empty(value):
+    """null or "": how exports that give every message every field (MiniMind-3's datasets Features: role,
+    content, reasoning_content, tools, tool_calls, all strings) spell a field the message does not have."""
+    return value is None or value == ""
+
+
 def chat_messages(msgs, field, tools=None, rl_prompt=False):
     """Validate a conversation and return (messages, tools) as the chat template takes them: JSON strings
     parsed, `tools` lifted off the system message. rl_prompt: the last assistant message is RL data's
@@ -181,12 +187,12 @@ def chat_messages(msgs, field, tools=None, rl_prompt=False):
         if role not in MESSAGE_FIELDS:
             raise BadRecord(f'{where} has unknown role {json.dumps(role, ensure_ascii=False)} '
                             f'(expected system, user, assistant or tool)', SKIP_HINT)
-        extra = [k for k in m if k not in MESSAGE_FIELDS[role] and m[k] is not None]
+        extra = [k for k in m if k not in MESSAGE_FIELDS[role] and not _empty(m[k])]
         if extra:
             raise BadRecord(f'{where} ({role}) has field(s) {", ".join(json.dumps(k) for k in extra)} that chat training '
                             f'does not use', EXTRA_HINT)
         msg = {"role": role}
-        if role == "assistant" and m.get("tool_calls") is not None:
+        if role == "assistant" and not _empty(m.get("tool_calls")):
             msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where} tool_calls")
         content = m.get("content")
         if "content" not in m and "tool_calls" not in msg:
@@ -200,7 +206,7 @@ def chat_messages(msgs, field, tools=None, rl_prompt=False):
             if not isinstance(m["reasoning_content"], str):
                 raise BadRecord(f'{where} "reasoning_content" is {type(m["reasoning_content"]).__name__}, not a string', SKIP_HINT)
             msg["reasoning_content"] = m["reasoning_content"]
-        if role == "system" and m.get("tools") not in (None, "", []):
+        if role == "system" and not _empty(m.get("tools")) and m["tools"] != []:
             if tools is not None:
                 raise BadRecord(f"{where} has tools, but the conversation already has tools", SKIP_HINT)
             tools = parse_tools(m["tools"], f"{where} tools")
@@ -220,7 +226,7 @@ def chat_messages(msgs, field, tools=None, rl_prompt=False):
 
 def line_tools(obj):
     """The line's own "tools" field (beside the conversation), parsed; None when it has none."""
-    return parse_tools(obj["tools"], '"tools"') if obj.get("tools") not in (None, "", []) else None
+    return None if _empty(obj.get("tools")) or obj["tools"] == [] else parse_tools(obj["tools"], '"tools"')
 
 
 def check_sft(obj):

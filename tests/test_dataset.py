@@ -252,6 +252,17 @@ def test_tools_given_as_objects_or_on_the_line_give_the_same_sample(tok, tmp_pat
         assert torch.equal(ids, base[0]) and torch.equal(labels, base[1])
 
 
+def test_minimind3_exports_with_every_field_on_every_message_read_the_same(tok, tmp_path):
+    """An export that gives every message all of MiniMind-3's fields (role, content, reasoning_content, tools,
+    tool_calls), the unused ones null or "", trains exactly like the plain line."""
+    fields = ("reasoning_content", "tools", "tool_calls")
+    padded = [{**{k: ("" if i % 2 else None) for k in fields}, **m} for i, m in enumerate(TOOL_CONV)]
+    assert padded[1] == {**TOOL_CONV[1], "reasoning_content": "", "tools": "", "tool_calls": ""}
+    base = SFTDataset(write(tmp_path, [{"conversations": TOOL_CONV}], "a.jsonl"), tok)[0]
+    ids, labels = SFTDataset(write(tmp_path, [{"conversations": padded}], "b.jsonl"), tok)[0]
+    assert torch.equal(ids, base[0]) and torch.equal(labels, base[1])
+
+
 def _with_template(tmp_path, template, name):
     """A copy of the shipped tokenizer with another chat template (nothing downloaded)."""
     import shutil
