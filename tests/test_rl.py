@@ -351,6 +351,80 @@ def test_reward_model_scores_replies(reward_model_dir):
     assert total[0] != total[1]
 
 
+CUSTOM_RM_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyRewardConfig(PretrainedConfig):
+    model_type = "tiny_reward"
+
+    def __init__(self, vocab_size=6400, hidden_size=16, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+'''
+CUSTOM_RM_MODEL = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_tiny_reward import TinyRewardConfig
+
+
+class TinyRewardModel(PreTrainedModel):
+    """InternLM2-reward's interface: AutoModel with remote code, and get_score(tokenizer, conversation)."""
+    config_class = TinyRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).mean(dim=1))[:, 0]
+
+    @torch.no_grad()
+    def get_score(self, tokenizer, conversation):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        return self.forward(tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)).item()
+'''
+
+
+@pytest.fixture(scope="module")
+def custom_reward_model_dir(tmp_path_factory, tok):
+    """A reward model that is code in its own folder, as MiniMind-3's default internlm2-1_8b-reward is."""
+    from transformers import AutoConfig, AutoModel
+    d = tmp_path_factory.mktemp("custom_rm")
+    (d / "configuration_tiny_reward.py").write_text(CUSTOM_RM_CONFIG)
+    (d / "modeling_tiny_reward.py").write_text(CUSTOM_RM_MODEL)
+    (d / "config.json").write_text(json.dumps({"model_type": "tiny_reward", "architectures": ["TinyRewardModel"], "auto_map": {
+        "AutoConfig": "configuration_tiny_reward.TinyRewardConfig", "AutoModel": "modeling_tiny_reward.TinyRewardModel"}}))
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.from_pretrained(d, trust_remote_code=True), trust_remote_code=True)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_custom_code_reward_model_needs_trust_and_is_asked_as_minimind3_asks(custom_reward_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+    args = Args()
+    args.rewards, args.reward_model_path = "model", custom_reward_model_dir
+    with pytest.raises(UserError, match="modeling_tiny_reward.TinyRewardModel.*--trust_remote_code 1"):
+        Rewards(args, "cpu")
+    args.trust_remote_code = True
+    rewards = Rewards(args, "cpu")
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1=?"}]
+    replies = [Reply(history, "<think>\nx\n</think>\n<answer>\n2\n</answer>", [], True), Reply(history[-1:], "不知道", [], True)]
+    total, _ = rewards(replies, "cpu")
+    rm = AutoModel.from_pretrained(custom_reward_model_dir, trust_remote_code=True).eval()
+    rt = AutoTokenizer.from_pretrained(custom_reward_model_dir)
+    folded = "user: 你好\nassistant: 你好！\n以上是对话历史。我的新问题是：\n1+1=?"
+    want = [rm.get_score(rt, [{"role": "user", "content": folded}, {"role": "assistant", "content": "2"}]),
+            rm.get_score(rt, [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "不知道"}])]
+    assert total.tolist() == pytest.approx(want, abs=1e-5) and want[0] != want[1]
+
+
 # ----------------------------------------------------------------------------------------------------
 # RL prompt data
 # ----------------------------------------------------------------------------------------------------

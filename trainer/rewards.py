@@ -9,6 +9,7 @@
                 off at --max_new_tokens
     model       the score of a local transformers sequence-classification model (--reward_model_path)
 """
+import json
 import math
 import os
 import re
@@ -18,7 +19,7 @@ from fractions import Fraction
 
 import torch
 
-from trainer_utils import UserError, nonneg_int, positive_int
+from trainer_utils import UserError, add_bool, nonneg_int, positive_int
 
 @dataclass
 class Reply:
@@ -118,26 +119,50 @@ def length_reward(reply, low, high):
 # ----------------------------------------------------------------------------------------------------
 # a reward model
 class RewardModel:
-    """A local transformers sequence-classification folder (config.json, weights, tokenizer). It scores the
-    conversation with the reply's final answer as the assistant turn; the first logit is the reward."""
+    """A local transformers reward model folder (config.json, weights, tokenizer), scoring the conversation with
+    the reply's final answer as the assistant turn. Two kinds:
+    - a sequence-classification model (AutoModelForSequenceClassification): the first logit is the reward;
+    - a model whose own code (the folder's auto_map, run only with trust_remote_code) has
+      get_score(tokenizer, messages), as InternLM2-reward, MiniMind-3's default: its score is the reward, and it
+      is asked as MiniMind-3 asks it (the earlier turns folded into one user message)."""
 
-    def __init__(self, path, device, max_length=1024):
+    def __init__(self, path, device, max_length=1024, trust_remote_code=False):
         if not os.path.isdir(path):
             raise UserError(f"--reward_model_path {path}: no such folder (a local transformers sequence-classification "
                             f"model folder; nothing is downloaded)")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"--reward_model_path {path}: no config.json, so not a transformers model folder")
-        self.path, self.device, self.max_length = path, device, max_length
+        self.path, self.device, self.max_length, self.trust_remote_code = path, device, max_length, trust_remote_code
         self.model = self.tokenizer = None
+        self.custom = self._custom_code()
+
+    def _custom_code(self):
+        """The auto_map entry of a model that brings its own code and no sequence-classification head, else None."""
+        try:
+            with open(os.path.join(self.path, "config.json"), encoding="utf-8") as f:
+                auto_map = json.load(f).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            return None  # from_pretrained reports a bad config.json below
+        if "AutoModelForSequenceClassification" in auto_map or "AutoModel" not in auto_map:
+            return None
+        if not self.trust_remote_code:
+            raise UserError(f"--reward_model_path {self.path}: its model is Python code from that folder "
+                            f"({auto_map['AutoModel']}); pass --trust_remote_code 1 to run it")
+        return auto_map["AutoModel"]
 
     def load(self):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        remote = dict(local_files_only=True, trust_remote_code=self.trust_remote_code)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(self.path, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, **remote)
+            model = (AutoModel if self.custom else AutoModelForSequenceClassification).from_pretrained(self.path, **remote)
         except Exception as e:  # noqa: BLE001 - any failure to load is the same user mistake
-            raise UserError(f"--reward_model_path {self.path}: cannot load a sequence-classification model and its "
-                            f"tokenizer ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})") from None
+            what = "its model" if self.custom else "a sequence-classification model"
+            raise UserError(f"--reward_model_path {self.path}: cannot load {what} and its tokenizer "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})") from None
+        if self.custom and not callable(getattr(model, "get_score", None)):
+            raise UserError(f"--reward_model_path {self.path}: its model ({self.custom}) has no get_score(tokenizer, messages), "
+                            f"and no sequence-classification head; use a reward model that has one of them")
         dtype = torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         if self.tokenizer.pad_token is None:
@@ -150,10 +175,20 @@ class RewardModel:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
+    @staticmethod
+    def folded(reply):
+        """MiniMind-3's question to a get_score model: the earlier turns as "role: content" lines, then the last."""
+        history, last = reply.messages[:-1], reply.messages[-1]["content"] if reply.messages else ""
+        context = "\n".join(f"{m['role']}: {m['content']}" for m in history)
+        question = f"{context}\n以上是对话历史。我的新问题是：\n{last}" if context else last
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": final_answer(reply.text)}]
+
     @torch.no_grad()
     def __call__(self, replies):
         if self.model is None:
             self.load()  # on first use
+        if self.custom:
+            return [float(self.model.get_score(self.tokenizer, self.folded(r))) for r in replies]
         enc = self.tokenizer([self.render(r) for r in replies], return_tensors="pt", padding=True, truncation=True,
                              max_length=self.max_length, add_special_tokens=False).to(self.device)
         return self.model(**enc).logits[:, 0].float().tolist()
@@ -173,7 +208,11 @@ def add_reward_args(parser, rewards, rewards_help=REWARDS_HELP):
     g.add_argument("--length_min", type=nonneg_int, default=20, help="length reward: shortest reply without penalty, in characters")
     g.add_argument("--length_max", type=positive_int, default=800, help="length reward: longest reply without penalty, in characters")
     g.add_argument("--reward_model_path", default=None,
-                   help="the model reward: a local transformers AutoModelForSequenceClassification folder")
+                   help="the model reward: a local transformers AutoModelForSequenceClassification folder, or one whose "
+                        "own code has get_score(tokenizer, messages) such as InternLM2-reward (with --trust_remote_code 1)")
+    add_bool(g, "--trust_remote_code",
+             help="let --reward_model_path run the Python code in its folder (custom reward models such as "
+                        "internlm2-1_8b-reward, MiniMind-3's default); only for folders you trust")
     return g
 
 
@@ -223,7 +262,8 @@ class Rewards:
             raise UserError("--rewards model needs --reward_model_path, and --reward_model_path is only used with "
                             "model in --rewards; give both or neither")
         self.length = (args.length_min, args.length_max)
-        self.reward_model = RewardModel(args.reward_model_path, device) if "model" in self.names else None
+        self.reward_model = (RewardModel(args.reward_model_path, device, trust_remote_code=getattr(args, "trust_remote_code", False))
+                             if "model" in self.names else None)
         self.need_gt = "answer" in self.names
 
     def score(self, name, replies):
