@@ -59,7 +59,8 @@ def test_episode_runs_the_call_feeds_the_result_back_and_masks_it(tiny_chat_weig
     for row, e in enumerate(episodes):
         assert e.stop == "answer" and e.calls == [("calculator", MATH_RESULT)] and e.text == MATH_ANSWER
         real = rollout.attention_mask[row].bool()
-        rendered = render_chat(tok, e.messages + [assistant_message(e.turns[-1])], sample["tools"])
+        assert e.messages == sample["messages"]  # what a reward model is shown: the prompt
+        rendered = render_chat(tok, e.conversation + [assistant_message(e.turns[-1])], sample["tools"])
         assert tok.decode(rollout.input_ids[row][real]) + "\n" == rendered
         policy = rollout.reply_mask[row].bool()
         after = rollout.reply_ids[row]

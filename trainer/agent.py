@@ -26,7 +26,7 @@ class Episode:
     """What the rewards see. text: the final answer (the last turn's content, without its think part); ""
     when the episode did not finish (a turn cut off at --max_new_tokens, out of turns or out of length).
     calls: (tool name, the text the runner answered) for every call, in order. turns: each turn's text."""
-    messages: list                              # the conversation so far (the prompt, then the turns and results)
+    messages: list                              # the prompt (what a reward model is shown with the final answer)
     gt: list
     schemas: list                               # the tools the prompt offers (rendered into its system turn)
     tools: dict                                 # those of them the runner can run: {name: Tool}
@@ -37,6 +37,7 @@ class Episode:
     logps: list = field(default_factory=list)   # the sampling log-prob of each policy token (0 elsewhere)
     turns: list = field(default_factory=list)
     calls: list = field(default_factory=list)
+    conversation: list = field(default_factory=list)  # the prompt, then each reply that called tools and the results
     text: str = ""
     finished: bool = False
     done: bool = False
@@ -86,8 +87,8 @@ EPISODE_REWARDS = {"answer": answer_reward, "tools": tools_reward, "format": for
 def observation_ids(tokenizer, episode, reply, results):
     """The tokens the environment adds after a reply that called tools (the reply's end token is already
     there): the tool-results turn and the next generation prompt, exactly as the chat template renders them."""
-    before = render_chat(tokenizer, episode.messages + [reply], episode.schemas)
-    after = render_chat(tokenizer, episode.messages + [reply] + results, episode.schemas, add_generation_prompt=True,
+    before = render_chat(tokenizer, episode.conversation + [reply], episode.schemas)
+    after = render_chat(tokenizer, episode.conversation + [reply] + results, episode.schemas, add_generation_prompt=True,
                         **episode.template_kwargs)
     end = before.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
     if not after.startswith(before[:end]):
@@ -107,8 +108,9 @@ def agent_rollout(model, tokenizer, samples, group_size, tools, max_turns, max_n
         offered = {t.get("function", t)["name"] for t in (s["tools"] or [])}
         runnable = {name: tool for name, tool in tools.items() if name in offered}
         for _ in range(group_size):
-            episodes.append(Episode(messages=list(s["messages"]), gt=s["gt"], schemas=s["tools"], tools=runnable,
-                                    prefix=s["reply_prefix"], template_kwargs=s["template_kwargs"], ids=list(s["prompt_ids"])))
+            episodes.append(Episode(messages=s["messages"], gt=s["gt"], schemas=s["tools"], tools=runnable,
+                                    prefix=s["reply_prefix"], template_kwargs=s["template_kwargs"], ids=list(s["prompt_ids"]),
+                                    conversation=list(s["messages"])))
     prompt_lens = [len(e.ids) for e in episodes]
     for turn in range(max_turns):
         alive = [e for e in episodes if not e.done]
@@ -138,7 +140,7 @@ def agent_rollout(model, tokenizer, samples, group_size, tools, max_turns, max_n
             if len(e.ids) + len(obs) + max_new_tokens > max_total_len:
                 e.done, e.stop = True, "length"
                 continue
-            e.messages += [reply] + results
+            e.conversation += [reply] + results
             e.ids += obs
             e.mask += [0] * len(obs)
             e.logps += [0.0] * len(obs)
