@@ -95,6 +95,7 @@ def episode(text="", gt=(), calls=(), turns=None, finished=True):
 def test_episode_rewards():
     assert answer_reward(episode("结果是 84。", ["84"])) == 1.0
     assert answer_reward(episode("It is 84.0 in all", ["84"])) == 1.0  # numbers compare as numbers
+    assert answer_reward(episode("结果是８４。", ["84"])) == 1.0  # full-width digits too
     assert answer_reward(episode("It is 184", ["84"])) == 0.0
     assert answer_reward(episode("那一天是2028-09-23 Saturday。", ["2028-09-23 saturday", "12"])) == 0.5
     assert answer_reward(episode("84", ["84"], finished=False)) == 0.0

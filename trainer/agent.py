@@ -10,6 +10,7 @@ on. A reply without calls is the final answer. The whole episode becomes one row
 then every token after it, with `reply_mask` 1 on the tokens the policy sampled (its end tokens included) and
 0 on what the environment wrote, so the GRPO loss and the KL see only the policy's own tokens.
 """
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
@@ -45,12 +46,13 @@ class Episode:
 
 
 # ----------------------------------------------------------------------------------------------------
-# rewards of an episode (each 0..1; combined by --rewards / --reward_weights with length, repetition, model)
+# rewards of an episode (answer, tools, format: 0..1; combined by --rewards / --reward_weights with repetition,
+# length and model, which score the final answer as they score a reply in train_grpo.py)
 def holds(text, value):
-    """The text states value: a number as one of its numbers (42 = 42.0), other values as normalized text."""
+    """The text states value: a number as one of its numbers (42 = 42.0 = ４２), other values as normalized text."""
     want = parse_number(value)
     if want is not None:
-        return any(parse_number(n) == want for n in NUMBER.findall(text))
+        return any(parse_number(n) == want for n in NUMBER.findall(unicodedata.normalize("NFKC", text)))
     return normalize_text(value) in normalize_text(text)
 
 
