@@ -861,23 +861,28 @@ def check_ground_truth(obj):
     return None
 
 
-def check_rl(obj):
+def check_prompt_line(obj, what, stage, ends, end_hint):
+    """What RL and agent RL lines share: their fields, an assistant message after the prompt, and the role the
+    prompt ends with (one of `ends`). -> None, or (problem, hint)."""
     if "conversations" not in obj:
-        return wrong_stage(obj, RL, "conversations")
+        return wrong_stage(obj, what, "conversations")
     extra = [k for k in obj if k not in ("conversations", "tools", "gt", "answer")]
     if extra:
-        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by RL',
+        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by {stage}',
                 EXTRA_HINT)
     msgs = obj["conversations"]
     if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) and not any(m.get("role") == "assistant" for m in msgs):
-        return '"conversations" has no assistant message, so there is no reply to sample', f"{END_WITH_PLACEHOLDER} {SKIP_HINT}"
-    tools = line_tools(obj)
-    msgs, _ = chat_messages(msgs, "conversations", tools, rl_prompt=True)
+        return '"conversations" has no assistant message, so nothing marks where the reply starts', f"{end_hint} {SKIP_HINT}"
+    msgs, _ = chat_messages(msgs, "conversations", line_tools(obj), rl_prompt=True)
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    if msgs[last - 1]["role"] != "user":
-        return ("the prompt (everything before the last assistant message) does not end with a user message",
-                f"{END_WITH_PLACEHOLDER} {SKIP_HINT}")
-    return check_ground_truth(obj)
+    if msgs[last - 1]["role"] not in ends:
+        return (f"the prompt (everything before the last assistant message) does not end with a {' or '.join(ends)} message",
+                f"{end_hint} {SKIP_HINT}")
+    return None
+
+
+def check_rl(obj):
+    return check_prompt_line(obj, RL, "RL", ("user",), END_WITH_PLACEHOLDER) or check_ground_truth(obj)
 
 
 def check_rl_with_gt(obj):
@@ -936,23 +941,10 @@ AGENT = ('agent RL data ({"conversations": [{"role": "system", "tools": [...]}, 
 
 
 def check_agent(obj):
-    if "conversations" not in obj:
-        return wrong_stage(obj, AGENT, "conversations")
-    extra = [k for k in obj if k not in ("conversations", "tools", "gt", "answer")]
-    if extra:
-        return (f'field(s) {", ".join(json.dumps(k) for k in extra)} beside "conversations" are not used by agent RL',
-                EXTRA_HINT)
-    msgs = obj["conversations"]
-    if isinstance(msgs, list) and all(isinstance(m, dict) for m in msgs) and not any(m.get("role") == "assistant" for m in msgs):
-        return ('"conversations" has no assistant message, so nothing marks where the episode starts',
-                f'End each conversation with an assistant message (its content is not used). {SKIP_HINT}')
-    msgs, _ = chat_messages(msgs, "conversations", line_tools(obj), rl_prompt=True)
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    if msgs[last - 1]["role"] not in ("user", "tool"):
-        return ("the prompt (everything before the last assistant message) does not end with a user or tool message",
-                SKIP_HINT)
-    if obj.get("gt") == []:  # nothing to check in the final answer (MiniMind-3's data has such lines)
-        return None
+    problem = check_prompt_line(obj, AGENT, "agent RL", ("user", "tool"),
+                                "End each conversation with an assistant message (its content is not used).")
+    if problem or obj.get("gt") == []:  # gt []: nothing to check in the final answer (MiniMind-3's data has such lines)
+        return problem
     return check_ground_truth(obj)
 
 
