@@ -34,17 +34,17 @@ AGENT_REWARDS_HELP = ("comma-separated rewards to add up, each scored on a whole
                       "characters of the final answer), model (--reward_model_path, on the final answer)")
 
 
-def unknown_tools(dataset, tools):
-    """Names of tools the data offers that the runner does not have, with how many prompts offer each."""
-    counts = {}
+def offered_tools(dataset):
+    """How many prompts offer each tool name, and how many offer none."""
+    counts, without = {}, 0
     for i in range(len(dataset)):
         rec = dataset.record(i)
         _, offered = chat_messages(rec["conversations"], "conversations", line_tools(rec), rl_prompt=True)
+        without += not offered
         for t in offered or []:
             name = t.get("function", t)["name"]
-            if name not in tools:
-                counts[name] = counts.get(name, 0) + 1
-    return counts
+            counts[name] = counts.get(name, 0) + 1
+    return counts, without
 
 
 def main():
@@ -84,10 +84,14 @@ def main():
     dataset = AgentPromptDataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
                                  thinking_ratio=args.thinking_ratio, skip_bad_lines=args.skip_bad_lines,
                                  conversations_column=args.conversations_column)
-    missing = unknown_tools(dataset, tools)
+    offered, without = offered_tools(dataset)
+    missing = sorted(((name, n) for name, n in offered.items() if name not in tools), key=lambda kv: -kv[1])
     if missing:
         ctx.print("warning: the data offers tools that --tools does not run (their calls get an error text): "
-                  + ", ".join(f"{name} ({n} prompts)" for name, n in sorted(missing.items(), key=lambda kv: -kv[1])))
+                  + ", ".join(f"{name} ({n} prompts)" for name, n in missing))
+    if without == len(dataset):
+        ctx.print(f"warning: none of the {without} prompts offers tools (\"tools\" on the system message or the line), so "
+                  f"every call gets an error text: is --data_path agent RL data?")
     model = load_from_weight(args, finite=True).to(ctx.device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]

@@ -188,6 +188,11 @@ def test_agent_script_errors_are_one_line(tiny_chat_weight, agent_dir, tmp_path)
     assert_one_line_error(proc, "--max_total_len 100")
     proc = run("train_agent.py", *common, "--rewards", "answer,speed", check=False)
     assert_one_line_error(proc, "unknown reward speed", "answer, tools, format, repetition, length, model")
+    rl_prompts = write_jsonl(tmp_path / "rlaif.jsonl", [{"conversations": [{"role": "user", "content": MATH},
+                                                                          {"role": "assistant", "content": ""}], "gt": "84"}] * 2)
+    proc = run("train_agent.py", *common, "--from_weight", tiny_chat_weight, "--data_path", rl_prompts, "--max_steps", "1",
+               "--out_dir", str(tmp_path / "rl"))
+    assert "none of the 2 prompts offers tools" in proc.stdout + proc.stderr  # GRPO's data: it runs, and says so
     proc = run("train_agent.py", *common, check=False)  # no out/full_sft_64.pth in tmp_path
     assert_one_line_error(proc, "full_sft_64.pth", "train_full_sft.py")
     assert not os.path.exists(tmp_path / "agent_64.pth")
