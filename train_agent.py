@@ -29,7 +29,7 @@ from train_grpo import add_grpo_args, group_advantages, rollout_loss
 
 AGENT_REWARDS_HELP = ("comma-separated rewards to add up, each scored on a whole episode: answer (the share of the data's "
                       "\"gt\" values the final answer holds, numbers compared as numbers), tools (the share of the "
-                      "episode's calls that ran), format (a final answer, tags that pair up, calls that are JSON with a "
+                      "episode's calls that ran; with no call, 1 when the line's gt is [] and 0 otherwise), format (a final answer, tags that pair up, calls that are JSON with a "
                       "name), repetition (repeated 3-grams in the final answer), length (--length_min..--length_max "
                       "characters of the final answer), model (--reward_model_path, on the final answer)")
 
