@@ -19,7 +19,7 @@ import torch
 from dataset.lm_dataset import AgentPromptDataset, chat_messages, line_tools, load_tokenizer
 from trainer.agent import EPISODE_REWARDS, agent_rollout
 from trainer.rewards import Rewards, add_reward_args, reward_metrics
-from trainer.rollout import add_rollout_args, check_rollout_args, show_samples
+from trainer.rollout import add_rollout_args, check_rollout_args, load_prompts, show_samples
 from trainer.tools import ToolError, select_tools
 from trainer_utils import (Context, Logger, RunningMeans, SkippedSteps, UserError, after_step, build_parser, check_out_dir,
                            positive_float, positive_int,
@@ -81,9 +81,7 @@ def main():
     # ---------------------------------------------------------------- models, rewards, data
     tokenizer = load_tokenizer(args.tokenizer_path)
     rewards = Rewards(args, ctx.device, functions=EPISODE_REWARDS)
-    dataset = AgentPromptDataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
-                                 thinking_ratio=args.thinking_ratio, skip_bad_lines=args.skip_bad_lines,
-                                 conversations_column=args.conversations_column)
+    dataset = load_prompts(args, tokenizer, dataset=AgentPromptDataset)
     offered, without = offered_tools(dataset)
     missing = sorted(((name, n) for name, n in offered.items() if name not in tools), key=lambda kv: -kv[1])
     if missing:

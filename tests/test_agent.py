@@ -89,7 +89,8 @@ def test_episodes_stop_at_max_turns_and_max_total_len(tiny_chat_weight, tok, tmp
 
 def episode(text="", gt=(), calls=(), turns=None, finished=True):
     return Episode(messages=[], gt=list(gt), schemas=[], tools={}, prefix="", template_kwargs={}, ids=[],
-                   turns=turns if turns is not None else [text], calls=list(calls), text=text, finished=finished)
+                   turns=turns if turns is not None else [text], calls=list(calls), text=text,
+                   stop="answer" if finished else "cut")
 
 
 def test_episode_rewards():

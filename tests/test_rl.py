@@ -304,6 +304,7 @@ def test_repetition_and_length_rewards():
 
 class Args:
     rewards, reward_weights, length_min, length_max, reward_model_path = "format,answer", None, 0, 800, None
+    trust_remote_code = False
 
 
 def test_rewards_combine_with_weights():

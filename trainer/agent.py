@@ -40,9 +40,12 @@ class Episode:
     calls: list = field(default_factory=list)
     conversation: list = field(default_factory=list)  # the prompt, then each reply that called tools and the results
     text: str = ""
-    finished: bool = False
-    done: bool = False
-    stop: str = ""                              # why it ended: answer, cut, turns, length
+    stop: str = ""                              # why it ended: answer, cut, turns, length ("": it goes on)
+
+    @property
+    def finished(self):
+        """It ended with a final answer (a reply without calls)."""
+        return self.stop == "answer"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,7 +118,7 @@ def agent_rollout(model, tokenizer, samples, group_size, tools, max_turns, max_n
                                     conversation=list(s["messages"])))
     prompt_lens = [len(e.ids) for e in episodes]
     for turn in range(max_turns):
-        alive = [e for e in episodes if not e.done]
+        alive = [e for e in episodes if not e.stop]
         if not alive:
             break
         r = generate_rollout(model, tokenizer, [e.ids for e in alive], max_new_tokens, temperature, top_p, generator)
@@ -128,19 +131,19 @@ def agent_rollout(model, tokenizer, samples, group_size, tools, max_turns, max_n
             e.turns.append(text)
             reply = assistant_message(text)
             if not r.finished[row]:
-                e.done, e.stop = True, "cut"
+                e.stop = "cut"
                 continue
             if "tool_calls" not in reply:
-                e.done, e.finished, e.stop, e.text = True, True, "answer", reply["content"]
+                e.stop, e.text = "answer", reply["content"]
                 continue
             results = run_calls(reply, e.tools, timeout)
             e.calls += [(call["function"]["name"], res["content"]) for call, res in zip(reply["tool_calls"], results)]
             if turn == max_turns - 1:
-                e.done, e.stop = True, "turns"
+                e.stop = "turns"
                 continue
             obs = observation_ids(tokenizer, e, reply, results)
             if len(e.ids) + len(obs) + max_new_tokens > max_total_len:
-                e.done, e.stop = True, "length"
+                e.stop = "length"
                 continue
             e.conversation += [reply] + results
             e.ids += obs

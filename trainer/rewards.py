@@ -21,6 +21,7 @@ import torch
 
 from trainer_utils import UserError, add_bool, nonneg_int, positive_int
 
+
 @dataclass
 class Reply:
     """What a reward sees: the prompt, the assistant's text (anything the template pre-filled, then the
@@ -212,7 +213,7 @@ def add_reward_args(parser, rewards, rewards_help=REWARDS_HELP):
                         "own code has get_score(tokenizer, messages) such as InternLM2-reward (with --trust_remote_code 1)")
     add_bool(g, "--trust_remote_code",
              help="let --reward_model_path run the Python code in its folder (custom reward models such as "
-                        "internlm2-1_8b-reward, MiniMind-3's default); only for folders you trust")
+                  "internlm2-1_8b-reward, MiniMind-3's default); only for folders you trust")
     return g
 
 
@@ -262,7 +263,7 @@ class Rewards:
             raise UserError("--rewards model needs --reward_model_path, and --reward_model_path is only used with "
                             "model in --rewards; give both or neither")
         self.length = (args.length_min, args.length_max)
-        self.reward_model = (RewardModel(args.reward_model_path, device, trust_remote_code=getattr(args, "trust_remote_code", False))
+        self.reward_model = (RewardModel(args.reward_model_path, device, trust_remote_code=args.trust_remote_code)
                              if "model" in self.names else None)
         self.need_gt = "answer" in self.names
 

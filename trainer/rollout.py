@@ -54,9 +54,10 @@ def check_rollout_args(args):
         raise UserError("--thinking_ratio and --enable_thinking both given: pass one (a share of prompts thinking, or all/none)")
 
 
-def load_prompts(args, tokenizer, need_gt):
-    """The RL prompts of --data_path; with need_gt (a reward checks answers) every line must carry its answer."""
-    dataset = VerifiableRLPromptDataset if need_gt else RLPromptDataset
+def load_prompts(args, tokenizer, need_gt=False, dataset=None):
+    """The RL prompts of --data_path; with need_gt (a reward checks answers) every line must carry its answer.
+    dataset: another prompt dataset class that takes the same flags (train_agent.py's AgentPromptDataset)."""
+    dataset = dataset or (VerifiableRLPromptDataset if need_gt else RLPromptDataset)
     return dataset(args.data_path, tokenizer, max_length=args.max_seq_len, enable_thinking=args.enable_thinking,
                    thinking_ratio=args.thinking_ratio, skip_bad_lines=args.skip_bad_lines,
                    conversations_column=args.conversations_column)
