@@ -84,10 +84,29 @@ def test_parse_tool_calls():
     ({"name": "units", "arguments": {"value": "5", "from": "km", "to": "m"}}, 'error: argument \'value\' of units must be a JSON number, got "5"'),
     ({"name": "dates", "arguments": {"start": "2024-01-01", "days": 1.5}}, "error: argument 'days' of dates must be a JSON integer, got 1.5"),
     ({"name": "calculator", "arguments": {"expression": "1/0"}}, "error: division by zero"),
+    # a string's schema keywords, as the guided decoding keeps to them (a free model's call can break them)
+    ({"name": "calculator", "arguments": {"expression": "839 + 41得"}},
+     'error: argument \'expression\' of calculator must match the pattern ^[0-9.+\\-*/%() ]+$, got "839 + 41得"'),
+    ({"name": "dates", "arguments": {"start": "20240101"}},  # Python's fromisoformat would take it
+     'error: argument \'start\' of dates must match the pattern ^\\d{4}-\\d{2}-\\d{2}$, got "20240101"'),
     ({"name": "calculator", "arguments": ["1+1"]}, "error: arguments of calculator must be a JSON object, got list"),
 ])
 def test_runner_returns_results_or_clear_error_texts(call, expected):
     assert T.run_tool_call(call, T.TOOLS) == expected
+
+
+def test_runner_checks_enum_and_length_keywords():
+    echo = T.Tool("echo", "says a word back", {"type": "object", "required": ["word"], "properties": {
+        "word": {"type": "string", "enum": ["yes", "no"]}, "note": {"type": "string", "minLength": 2, "maxLength": 4}}},
+        lambda word, note="": word + note)
+    tools = {"echo": echo}
+    assert T.run_tool_call({"name": "echo", "arguments": {"word": "yes", "note": "ok"}}, tools) == "yesok"
+    assert T.run_tool_call({"name": "echo", "arguments": {"word": "maybe"}}, tools) == \
+        'error: argument \'word\' of echo must be one of "yes", "no", got "maybe"'
+    assert T.run_tool_call({"name": "echo", "arguments": {"word": "no", "note": "x"}}, tools) == \
+        'error: argument \'note\' of echo must be at least 2 characters long, got "x"'
+    assert T.run_tool_call({"name": "echo", "arguments": {"word": "no", "note": "abcde"}}, tools) == \
+        'error: argument \'note\' of echo must be at most 4 characters long, got "abcde"'
 
 
 def test_runner_time_limit():

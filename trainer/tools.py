@@ -239,7 +239,10 @@ _TYPES = {"string": str, "number": (int, float), "integer": int, "boolean": bool
 
 
 def check_arguments(tool, args):
-    """The arguments object against the tool's schema: required present, no unknown names, JSON types."""
+    """The arguments object against the tool's schema: required present, no unknown names, JSON types, and for
+    strings the keywords schema-guided decoding keeps to (trainer/tool_guide.py): `enum`, `pattern` (searched,
+    as JSON Schema says), `minLength` and `maxLength`. A free (unguided) model's call breaking one gets the
+    schema's own words back, not whatever the tool makes of the string."""
     if not isinstance(args, dict):
         raise ToolError(f"arguments of {tool.name} must be a JSON object, got {type(args).__name__}")
     props, required = tool.parameters["properties"], tool.parameters.get("required", [])
@@ -252,6 +255,23 @@ def check_arguments(tool, args):
         want = props[k]["type"]
         if not isinstance(v, _TYPES[want]) or (want in ("number", "integer") and isinstance(v, bool)):
             raise ToolError(f"argument {k!r} of {tool.name} must be a JSON {want}, got {json.dumps(v, ensure_ascii=False)}")
+        if isinstance(v, str):
+            problem = _string_problem(props[k], v)
+            if problem:
+                raise ToolError(f"argument {k!r} of {tool.name} {problem}, got {json.dumps(v, ensure_ascii=False)}")
+
+
+def _string_problem(schema, value):
+    enum, pattern = schema.get("enum"), schema.get("pattern")
+    if isinstance(enum, list) and value not in enum:
+        return "must be one of " + ", ".join(json.dumps(e, ensure_ascii=False) for e in enum)
+    if isinstance(pattern, str) and re.search(pattern, value) is None:
+        return f"must match the pattern {pattern}"
+    if len(value) < schema.get("minLength", 0):
+        return f"must be at least {schema['minLength']} characters long"
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        return f"must be at most {schema['maxLength']} characters long"
+    return None
 
 
 def run_tool_call(call, tools, timeout=5.0):
