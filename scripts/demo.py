@@ -41,7 +41,7 @@ RECIPES = {
                 sft=["--max_seq_len", "1024", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10",
                      "--packing", "1"],
                 dpo=["--max_seq_len", "128", "--batch_size", "8", "--learning_rate", "5e-5", "--epochs", "1", "--beta", "0.1"],
-                reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "2", "--warmup_iters", "10"],
+                reason=["--max_seq_len", "160", "--batch_size", "16", "--learning_rate", "1e-3", "--epochs", "3", "--warmup_iters", "10"],
                 lora=["--max_seq_len", "128", "--batch_size", "16", "--learning_rate", "5e-3", "--epochs", "3", "--lora_rank", "16",
                       "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
                 grpo=["--max_seq_len", "64", "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "96",
