@@ -34,7 +34,7 @@ from trainer.tools import TOOLS, run_tool_call  # noqa: E402  (the tool-use data
 
 DEFAULT_OUT = os.path.join(ROOT, "dataset", "demo")
 SIZES = dict(  # default line counts; each is a --flag (pretrain_tools, _records, _arith: see pretrain_mix())
-    pretrain_eval=200, pretrain_tools=3000, pretrain_records=1000, pretrain_arith=1000, pretrain_drills=0, sft=4000, sft_eval=200, sft_tools=150, tool_eval=100, dpo=1000, dpo_eval=200, r1=1200, r1_eval=200,
+    pretrain_eval=200, pretrain_tools=3000, pretrain_records=1000, pretrain_arith=1000, pretrain_drills=0, sft=4000, sft_eval=200, sft_tools=300, tool_eval=100, dpo=1000, dpo_eval=200, r1=1200, r1_eval=200,
     lora_identity=800, lora_identity_eval=60, lora_medical=400, rlaif=1000, rlaif_eval=200, agent_rl=300,
 )
 FILES = {  # stage -> files it writes (MiniMind's names + our eval splits)

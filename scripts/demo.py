@@ -27,7 +27,7 @@ from trainer.cli import ArgumentParser, UserError, device_name, run_main  # noqa
 DATA = os.path.join(ROOT, "dataset", "demo")
 # --smeared_keys: the demo data plus one copy drill for every two other pretraining documents (README, "Smeared
 # keys": as many as the others made tool choice fall to 40%; one for every four taught no copying), and 1000 of
-# the 4150 SFT conversations using tools instead of 150 (the answers' copying of results is learned there)
+# the 4150 SFT conversations using tools instead of 300 (the answers' copying of results is learned there)
 COPY_DATA = os.path.join(ROOT, "dataset", "demo_copy")
 COPY_DATA_FLAGS = ["--pretrain_drills", "3685", "--sft_tools", "1000", "--sft", "3150"]
 ASSISTANT_NAME = ["MiniMind"]
