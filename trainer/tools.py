@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from trainer.tool_guide import clean_schema
+
 
 class ToolError(ValueError):
     """A call a tool refuses; its message goes back to the model as `error: ...`."""
@@ -262,15 +264,16 @@ def check_arguments(tool, args):
 
 
 def _string_problem(schema, value):
-    enum, pattern = schema.get("enum"), schema.get("pattern")
-    if isinstance(enum, list) and value not in enum:
+    rules = clean_schema(schema) or {}  # the guide's reading of the schema, so both enforce the same keywords
+    enum, pattern = rules.get("enum"), rules.get("pattern")
+    if enum is not None and value not in enum:
         return "must be one of " + ", ".join(json.dumps(e, ensure_ascii=False) for e in enum)
-    if isinstance(pattern, str) and re.search(pattern, value) is None:
-        return f"must match the pattern {pattern}"
-    if len(value) < schema.get("minLength", 0):
-        return f"must be at least {schema['minLength']} characters long"
-    if "maxLength" in schema and len(value) > schema["maxLength"]:
-        return f"must be at most {schema['maxLength']} characters long"
+    if pattern is not None and pattern.search(value) is None:
+        return f"must match the pattern {pattern.pattern}"
+    if len(value) < rules.get("minLength", 0):
+        return f"must be at least {rules['minLength']} characters long"
+    if "maxLength" in rules and len(value) > rules["maxLength"]:
+        return f"must be at most {rules['maxLength']} characters long"
     return None
 
 
